@@ -1,0 +1,594 @@
+"""GMSSegment: segment medical images with Generative Medical Segmentation (GMS) in 3D Slicer.
+
+This file holds only the Slicer module, its widget and its self test. All the work is done by
+``GMSSegmentLib.slicer_logic`` (no qt; tested headless on slicer-core), which runs the GMSSegment engine command line
+as a background worker and imports its results as segmentation nodes. The widget polls the running job with a
+``qt.QTimer``; nothing here waits on the worker.
+"""
+import enum
+import logging
+import os
+import pathlib
+from typing import Optional
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.util import VTKObservationMixin
+
+from GMSSegmentLib import slicer_logic
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # Slicer without translation support
+
+    def _(text):
+        return text
+
+
+SETTINGS_WEIGHTS = "GMSSegment/FoundationWeightsFolder"
+SETTINGS_MODEL = "GMSSegment/LastModelFolder"
+TORCH_REQUIREMENT = ">=2.1"
+POLL_INTERVAL_MS = 100
+
+
+#
+# GMSSegment
+#
+
+
+class GMSSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("GMS Segment")
+        self.parent.categories = [_("Segmentation")]
+        self.parent.dependencies = []  # PyTorch comes from the PyTorch extension (an extension dependency)
+        self.parent.contributors = ["GMSSegment contributors"]
+        self.parent.helpText = _(
+            "Segment 2D images and 3D volumes with Generative Medical Segmentation (GMS): a frozen foundation "
+            "autoencoder and a small latent mapping model trained for the task. Choose a volume and a model folder, "
+            "then click Segment. The result is a new segmentation (or new segments of the chosen one) that can be "
+            "edited in Segment Editor. Segmentation runs in a background process; the application stays responsive "
+            "and Cancel stops it at once. See "
+            '<a href="https://github.com/gmssegment/SlicerGMSSegment">the documentation</a>.'
+        )
+        self.parent.acknowledgementText = _(
+            "GMS was published by Huang et al., \"Generative Medical Segmentation\" (AAAI 2025, arXiv 2403.18198). "
+            "Models are trained on public data sets; see each model card for data, licence and citation."
+        )
+
+
+#
+# Parameter node
+#
+
+
+class Device(enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+    def label(self):
+        return {"auto": _("Automatic"), "cpu": _("CPU"), "cuda": _("GPU (CUDA)")}[self.value]
+
+
+class SlicingAxis(enum.Enum):
+    MODEL = "model"
+    AXIS0 = "0"
+    AXIS1 = "1"
+    AXIS2 = "2"
+
+    def label(self):
+        return {
+            "model": _("From the model card"),
+            "0": _("0: slices across K (usually axial)"),
+            "1": _("1: slices across J (usually coronal)"),
+            "2": _("2: slices across I (usually sagittal)"),
+        }[self.value]
+
+    def axisIndex(self):
+        return None if self is SlicingAxis.MODEL else int(self.value)
+
+
+def _defaultModelPath():
+    """Last used model folder, else the first model installed with the extension, else empty."""
+    last = qt.QSettings().value(SETTINGS_MODEL, "")
+    if last and os.path.isdir(str(last)):
+        return pathlib.Path(str(last))
+    models = slicer_logic.findModels()
+    return pathlib.Path(models[0][1]) if models else pathlib.Path()
+
+
+@parameterNodeWrapper
+class GMSSegmentParameterNode:
+    """
+    inputVolume - the volume to segment (scalar or RGB vector volume).
+    modelPath - the GMS model folder (card.json + model.safetensors).
+    device - where the worker runs the model.
+    axis - slicing axis override (numpy K/J/I order).
+    outputSegmentation - existing segmentation to add segments to; None creates a new node each run.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelPath: pathlib.Path
+    device: Device = Device.AUTO
+    axis: SlicingAxis = SlicingAxis.MODEL
+    outputSegmentation: vtkMRMLSegmentationNode
+
+
+def _pathOrNone(path) -> Optional[str]:
+    text = str(path) if path is not None else ""
+    return None if text.strip() in ("", ".") else text
+
+
+#
+# Dependencies (installed on request, never at import time)
+#
+
+
+def ensureDependencies(model=None, askConfirmation=True) -> bool:
+    """Make sure the worker's Python packages are installed in Slicer's Python; ask before installing anything.
+
+    torch comes from the PyTorch extension (``PyTorchUtils``) with a minimum version; the other packages are
+    installed with ``slicer.packaging.pip_ensure`` where available, else ``slicer.util.pip_install`` after the user
+    confirmed. Returns True when everything needed is available.
+    """
+    requirements = slicer_logic.requirementsForModel(model)
+    missing = slicer_logic.missingRequirements(requirements)
+    if not missing:
+        return True
+
+    torchMissing = [r for r in missing if slicer_logic._parseRequirement(r)[0].lower() == "torch"]
+    if torchMissing:
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.errorDisplay(
+                _("GMS Segment needs PyTorch. Please install the 'PyTorch' extension from the Extensions Manager, "
+                  "restart Slicer, and try again."))
+            return False
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        try:
+            torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+        except TypeError:  # older PyTorch extension without version requirements
+            torch = torchLogic.installTorch(askConfirmation=askConfirmation)
+        if torch is None:
+            return False
+
+    others = [r for r in missing if slicer_logic._parseRequirement(r)[0].lower() != "torch"]
+    if others:
+        packaging = None
+        try:
+            import slicer.packaging as packaging
+        except ImportError:
+            packaging = None
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            packaging.pip_ensure(others, requester="GMSSegment")
+        else:
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    _("GMS Segment needs these Python packages, which will be downloaded and installed now:") +
+                    "\n\n" + "\n".join(others)):
+                return False
+            with slicer.util.WaitCursor():
+                slicer.util.pip_install(" ".join(others))
+
+    still = slicer_logic.missingRequirements(requirements)
+    if still:
+        slicer.util.errorDisplay(_("These Python packages are still missing: ") + ", ".join(still))
+        return False
+    return True
+
+
+#
+# GMSSegmentWidget
+#
+
+
+class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._timer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/GMSSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = GMSSegmentLogic()
+
+        self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.weightsPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.weightsPathLineEdit.currentPath = qt.QSettings().value(SETTINGS_WEIGHTS, "")
+        self.ui.batchStatusTable.setHorizontalHeaderLabels([_("Volume"), _("Status")])
+        self.ui.progressBar.setValue(0)
+        self._populateModels()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.segmentAllButton.connect("clicked(bool)", self.onSegmentAllButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelComboBoxChanged)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsPathChanged)
+
+        self.initializeParameterNode()
+        self._updateRunningState()
+
+    def cleanup(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        if self.logic is not None:
+            self.logic.shutdown()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self.logic is not None and self.logic.running:
+            self.logic.cancel()  # its nodes are about to disappear
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            volumes = self.logic.loadedVolumes(slicer.mrmlScene)
+            if volumes:
+                self._parameterNode.inputVolume = volumes[0]
+        if _pathOrNone(self._parameterNode.modelPath) is None:
+            default = _defaultModelPath()
+            if _pathOrNone(default):
+                self._parameterNode.modelPath = default
+
+    def setParameterNode(self, inputParameterNode: Optional[GMSSegmentParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # In the .ui file, the dynamic property "SlicerParameterName" connects widgets to parameters.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        running = self.logic is not None and self.logic.running
+        p = self._parameterNode
+        hasModel = p is not None and _pathOrNone(p.modelPath) is not None
+        if running:
+            self.ui.segmentButton.toolTip = _("A segmentation is running")
+            self.ui.segmentButton.enabled = False
+        elif p and p.inputVolume and hasModel:
+            self.ui.segmentButton.toolTip = _("Segment the input volume in the background")
+            self.ui.segmentButton.enabled = True
+        else:
+            self.ui.segmentButton.toolTip = _("Select an input volume and a model folder")
+            self.ui.segmentButton.enabled = False
+        self.ui.segmentAllButton.enabled = (not running) and hasModel
+        self._updateModelInfo()
+
+    # -- models -----------------------------------------------------------------------------------------------------
+    def _populateModels(self) -> None:
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        combo.addItem(_("(choose a folder below)"), "")
+        for name, folder in slicer_logic.findModels():
+            combo.addItem(name, folder)
+        combo.blockSignals(wasBlocked)
+
+    def onModelComboBoxChanged(self, index) -> None:
+        folder = self.ui.modelComboBox.itemData(index)
+        if folder and self._parameterNode is not None:
+            self._parameterNode.modelPath = pathlib.Path(folder)
+
+    def onModelPathChanged(self, path) -> None:
+        combo = self.ui.modelComboBox
+        index = max(0, combo.findData(os.path.abspath(path)) if path else 0)
+        wasBlocked = combo.blockSignals(True)
+        combo.setCurrentIndex(index)
+        combo.blockSignals(wasBlocked)
+        self._updateModelInfo()
+
+    def onWeightsPathChanged(self, path) -> None:
+        qt.QSettings().setValue(SETTINGS_WEIGHTS, path or "")
+
+    def _updateModelInfo(self) -> None:
+        p = self._parameterNode
+        model = _pathOrNone(p.modelPath) if p else None
+        if not model:
+            self.ui.modelInfoLabel.text = ""
+            return
+        try:
+            card = slicer_logic.readModelCard(model)
+        except ValueError as e:
+            self.ui.modelInfoLabel.text = str(e)
+            return
+        names = ", ".join(str(s.get("name")) for s in card.get("segments", []))
+        foundation = card.get("foundation", {})
+        foundationName = foundation.get("name") if isinstance(foundation, dict) else foundation
+        self.ui.modelInfoLabel.text = _("{name}: segments {segments}; input {size} px; foundation {foundation}").format(
+            name=card.get("name", os.path.basename(model)), segments=names or "?", size=card.get("input_size", "?"),
+            foundation=foundationName or "?")
+
+    # -- running ----------------------------------------------------------------------------------------------------
+    def _options(self) -> dict:
+        p = self._parameterNode
+        return {
+            "model": _pathOrNone(p.modelPath),
+            "device": p.device.value,
+            "axis": p.axis.axisIndex(),
+            "weightsDir": _pathOrNone(self.ui.weightsPathLineEdit.currentPath),
+        }
+
+    def onSegmentButton(self) -> None:
+        p = self._parameterNode
+        options = self._options()
+        if not ensureDependencies(options["model"]):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+            job = self.logic.start(p.inputVolume, outputSegmentationNode=p.outputSegmentation, **options)
+            qt.QSettings().setValue(SETTINGS_MODEL, options["model"])
+            self._startPolling(job)
+
+    def onSegmentAllButton(self) -> None:
+        combo = self.ui.batchVolumesComboBox
+        volumes = [n for n in combo.checkedNodes() if self.logic.isSegmentableVolume(n)]
+        if not volumes:
+            volumes = self.logic.loadedVolumes(slicer.mrmlScene)
+        if not volumes:
+            slicer.util.errorDisplay(_("There is no volume to segment. Load some volumes first."))
+            return
+        options = self._options()
+        if not ensureDependencies(options["model"]):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the batch segmentation."), waitCursor=True):
+            job = self.logic.start(volumes, **options)
+            qt.QSettings().setValue(SETTINGS_MODEL, options["model"])
+            self._startPolling(job)
+
+    def onCancelButton(self) -> None:
+        if self.logic is not None:
+            self.logic.cancel()
+        self.ui.statusLabel.text = _("Cancelling...")
+        self.ui.cancelButton.enabled = False
+
+    def _startPolling(self, job) -> None:
+        self._job = job
+        self.ui.logTextEdit.clear()
+        for line in job.poll():
+            self.ui.logTextEdit.appendPlainText(line)
+        self.ui.progressBar.setValue(0)
+        self._fillBatchTable(job)
+        self._updateRunningState()
+        self._timer.start()
+
+    def onPollTimer(self) -> None:
+        """Called every POLL_INTERVAL_MS while a job runs: never blocks (the logic reads the worker in threads)."""
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        try:
+            lines = job.poll()
+        except Exception as e:  # never let the timer die silently
+            logging.exception("GMSSegment: polling failed")
+            lines = [f"Error: {e}"]
+        for line in lines:
+            self.ui.logTextEdit.appendPlainText(line)
+        self.ui.progressBar.setValue(int(round(1000 * job.progress)))
+        self.ui.statusLabel.text = job.statusText
+        self._fillBatchTable(job)
+        if job.finished:
+            self._timer.stop()
+            self._updateRunningState()
+            self._onJobFinished(job)
+
+    def _onJobFinished(self, job) -> None:
+        if job.state in (slicer_logic.JobState.SUCCEEDED, slicer_logic.JobState.PARTIAL):
+            nodes = job.segmentationNodes
+            if nodes and not job.batch:
+                volumeNode = slicer.mrmlScene.GetNodeByID(job.tasks[0].volumeNodeID)
+                if volumeNode is not None:
+                    slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+        if job.state == slicer_logic.JobState.FAILED:
+            slicer.util.errorDisplay(_("Segmentation failed: ") + job.errorMessage,
+                                     detailedText="\n".join(job.log[-40:]))
+        elif job.state == slicer_logic.JobState.PARTIAL:
+            slicer.util.warningDisplay(_("Some volumes could not be segmented: ") + job.errorMessage)
+
+    def _fillBatchTable(self, job) -> None:
+        table = self.ui.batchStatusTable
+        if not job.batch:
+            return
+        table.setRowCount(len(job.tasks))
+        for row, task in enumerate(job.tasks):
+            status = task.state
+            if task.state == slicer_logic.TaskState.RUNNING and task.total:
+                status = f"{task.state} {task.done}/{task.total}"
+            if task.message and task.state == slicer_logic.TaskState.FAILED:
+                status = f"{task.state}: {task.message}"
+            for column, text in enumerate((task.volumeName, status)):
+                item = table.item(row, column)
+                if item is None:
+                    item = qt.QTableWidgetItem()
+                    table.setItem(row, column, item)
+                item.setText(text)
+                item.setToolTip(text)
+
+    def _updateRunningState(self) -> None:
+        running = self.logic is not None and self.logic.running
+        self.ui.cancelButton.enabled = running
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
+                       self.ui.advancedCollapsibleButton, self.ui.batchVolumesComboBox):
+            widget.enabled = not running
+        self._checkCanApply()
+
+
+#
+# GMSSegmentLogic
+#
+
+
+class GMSSegmentLogic(ScriptedLoadableModuleLogic, slicer_logic.SegmentationLogic):
+    """The module's logic: the parameter node plus everything from ``GMSSegmentLib.slicer_logic.SegmentationLogic``
+    (``start``, ``segment``, ``cancel``, ``loadedVolumes``...), usable from the Python console without the widget::
+
+        logic = slicer.util.getModuleLogic("GMSSegment")
+        job = logic.segment(slicer.util.getNode("MRHead"), "/path/to/model", device="cpu")
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        slicer_logic.SegmentationLogic.__init__(self, scene=None)
+
+    def getParameterNode(self):
+        return GMSSegmentParameterNode(super().getParameterNode())
+
+
+#
+# GMSSegmentTest
+#
+
+
+class GMSSegmentTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer: load a sample volume, segment it with an installed model, check the segmentation."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_GMSSegment_parameterNode()
+        self.setUp()
+        self.test_GMSSegment_segmentSample()
+        self.setUp()
+        self.test_GMSSegment_cancel()
+
+    def _model(self):
+        models = slicer_logic.findModels()
+        if not models:
+            self.skipTest("no GMS model is installed (Resources/Models)")
+        return models[0][1]
+
+    def _sampleVolume(self, slices=3):
+        """MRHead from Sample Data (a few slices, to keep the test short); a synthetic volume when offline."""
+        import numpy as np
+
+        source = None
+        try:
+            import SampleData
+
+            source = SampleData.SampleDataLogic().downloadSample("MRHead")
+        except Exception as e:
+            logging.warning(f"GMSSegment test: sample data unavailable ({e}); using a synthetic volume")
+        if source is not None:
+            array = slicer.util.arrayFromVolume(source)
+            k0 = array.shape[0] // 2
+            sub = np.array(array[k0:k0 + slices])
+            ijkToRas = vtk.vtkMatrix4x4()
+            source.GetIJKToRASMatrix(ijkToRas)
+            origin = [ijkToRas.GetElement(i, 3) + ijkToRas.GetElement(i, 2) * k0 for i in range(3)]
+            for i in range(3):
+                ijkToRas.SetElement(i, 3, origin[i])
+            node = slicer.util.addVolumeFromArray(sub, ijkToRAS=ijkToRas, name="GMSSegmentTestVolume")
+        else:
+            yy, xx = np.mgrid[0:128, 0:128]
+            disk = ((yy - 64) ** 2 + (xx - 60) ** 2 < 30 ** 2).astype(np.int16) * 400
+            sub = np.stack([disk + 50 * k for k in range(slices)]).astype(np.int16)
+            node = slicer.util.addVolumeFromArray(sub, name="GMSSegmentTestVolume")
+        return node
+
+    def _waitForJob(self, job, timeout=900):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not job.finished and time.monotonic() < deadline:
+            job.poll()
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        if not job.finished:
+            job.cancel()
+            job.wait(10)
+            self.fail(f"segmentation did not finish within {timeout} s")
+
+    def test_GMSSegment_parameterNode(self):
+        self.delayDisplay("Parameter node")
+        logic = GMSSegmentLogic()
+        p = logic.getParameterNode()
+        self.assertEqual(p.device, Device.AUTO)
+        self.assertEqual(p.axis, SlicingAxis.MODEL)
+        self.assertIsNone(p.axis.axisIndex())
+        self.assertEqual(SlicingAxis.AXIS2.axisIndex(), 2)
+        self.delayDisplay("Parameter node test passed")
+
+    def test_GMSSegment_segmentSample(self):
+        self.delayDisplay("Segmenting a sample volume")
+        model = self._model()
+        if not ensureDependencies(model, askConfirmation=False):
+            self.skipTest("the worker's Python packages are not installed")
+        card = slicer_logic.readModelCard(model)
+        volume = self._sampleVolume()
+        before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+        logic = GMSSegmentLogic()
+        job = logic.start(volume, model, device="auto")
+        self._waitForJob(job)
+        self.assertEqual(job.state, slicer_logic.JobState.SUCCEEDED, job.errorMessage)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), before + 1)
+        segmentationNode = job.segmentationNodes[0]
+        segmentation = segmentationNode.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        self.assertEqual(names, [s["name"] for s in card["segments"]])
+        self.assertEqual(segmentationNode.GetNodeReference(
+            slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()), volume)
+        self.delayDisplay("Segmentation test passed")
+
+    def test_GMSSegment_cancel(self):
+        self.delayDisplay("Cancelling a segmentation")
+        model = self._model()
+        if not ensureDependencies(model, askConfirmation=False):
+            self.skipTest("the worker's Python packages are not installed")
+        volume = self._sampleVolume(slices=20)
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        logic = GMSSegmentLogic()
+        job = logic.start(volume, model, device="cpu")
+        slicer.app.processEvents()
+        job.cancel()
+        self._waitForJob(job, timeout=30)
+        self.assertEqual(job.state, slicer_logic.JobState.CANCELLED)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.assertFalse(os.path.exists(job.tempDir))
+        self.delayDisplay("Cancel test passed")

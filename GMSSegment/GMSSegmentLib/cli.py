@@ -1,0 +1,313 @@
+"""The ``gms`` command line (also ``python -m GMSSegmentLib``): segment, train, evaluate, benchmark, info, sample.
+
+Exit codes: 0 success; 2 bad input, model or options (a one-line message); 1 an unexpected failure; 130 cancelled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import GMSError, __version__
+from .reporting import Reporter
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _on_sigterm(signum, frame):  # turn SIGTERM into an exception so that temporary outputs are removed
+    raise _Terminated()
+
+
+def _threads(n: int | None):
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def default_output(input_path: str, out_dir: Path | None, fmt: str | None) -> Path:
+    p = Path(input_path)
+    name = p.name
+    for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+        if name.lower().endswith(ext):
+            stem, ext_in = name[: -len(ext)], ext
+            break
+    else:
+        stem, ext_in = p.stem, p.suffix
+    if fmt is None:
+        fmt = ".png" if ext_in in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") else ".seg.nrrd"
+    return (out_dir or p.parent) / f"{stem}_gms{fmt if fmt.startswith('.') else '.' + fmt}"
+
+
+# -- segment ------------------------------------------------------------------------------------------------------------
+def cmd_segment(args, rep: Reporter) -> int:
+    import torch
+
+    from .imageio import output_format, read_image, write_labels
+    from .model import load_model, resolve_model_path
+    from .pipeline import Cancelled, FastDecodeSettings, SliceSegmenter, pick_device, segment_array
+
+    if args.jobs:
+        try:
+            jobs = json.loads(Path(args.jobs).read_text())
+            jobs = [{"input": str(j["input"]), "output": str(j["output"])} for j in jobs]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise GMSError(f"cannot read the jobs file {args.jobs}: {e}") from None
+    else:
+        if not args.inputs:
+            raise GMSError("no input given")
+        if len(args.inputs) > 1 or (args.output and Path(args.output).is_dir()):
+            out_dir = Path(args.output) if args.output else None
+            if out_dir is not None and not out_dir.is_dir():
+                raise GMSError(f"with several inputs, -o must be an existing folder: {out_dir}")
+            jobs = [{"input": i, "output": str(default_output(i, out_dir, args.format))} for i in args.inputs]
+        else:
+            out = args.output or str(default_output(args.inputs[0], None, args.format))
+            jobs = [{"input": args.inputs[0], "output": out}]
+    for j in jobs:  # check output names before any work
+        output_format(j["output"])
+        if Path(j["output"]).exists() and not args.overwrite:
+            raise GMSError(f"output {j['output']} exists; use --overwrite to replace it")
+
+    device = pick_device(args.device)
+    model_dir = resolve_model_path(args.model)
+    rep.log(f"model {model_dir} on {device}")
+    model = load_model(model_dir, weights_dir=args.weights_dir, device=device,
+                       progress=rep.download_progress("foundation weights"))
+    fast = FastDecodeSettings(enabled=not args.no_fast)
+    segmenter = SliceSegmenter(model, device, fast)
+    batch = len(jobs) > 1 or bool(args.jobs)
+    n_ok = n_failed = 0
+    for i, job in enumerate(jobs):
+        extra = {"item": i} if batch else {}
+        t0 = time.perf_counter()
+        try:
+            img = read_image(job["input"])
+            name = Path(job["input"]).name
+
+            def progress(done, total):
+                if done == 0:
+                    rep.start(total, desc=name, input=job["input"], **extra)
+                rep.progress(done, total, **extra)
+
+            labels = segment_array(model, img.array, is_rgb=img.is_rgb, axis=args.axis, batch_size=args.batch_size,
+                                   segmenter=segmenter, progress=progress)
+            rep.close_bar()
+            present = [s for s in model.segments if (labels == s["label"]).any()]
+            path = write_labels(job["output"], labels, img.geometry, model.segments, overwrite=args.overwrite)
+            secs = time.perf_counter() - t0
+            rep.emit("result", path=path, input=job["input"], seconds=round(secs, 3),
+                     segments=[{k: s[k] for k in ("name", "label", "color")} for s in model.segments],
+                     present=[s["name"] for s in present], **extra)
+            if rep.mode != "json":
+                names = ", ".join(s["name"] for s in present) or "nothing found"
+                print(f"{job['input']} -> {path} ({secs:.1f} s; {names})", flush=True)
+            n_ok += 1
+        except GMSError as e:
+            n_failed += 1
+            rep.error(str(e), input=job["input"], **extra)
+            if not batch:
+                return 2
+        except Exception as e:  # an unexpected failure of one batch item must not stop the others
+            if not batch:
+                raise
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            n_failed += 1
+            rep.error(f"unexpected {type(e).__name__}: {e}", input=job["input"], **extra)
+    if batch:
+        rep.emit("done", ok=n_ok, failed=n_failed)
+        if rep.mode != "json":
+            print(f"{n_ok} segmented, {n_failed} failed", flush=True)
+    return 0 if n_failed == 0 else 2
+
+
+# -- train --------------------------------------------------------------------------------------------------------------
+def cmd_train(args, rep: Reporter) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=args.data, output=args.output, name=args.name, segments=args.segments,
+        label_values=args.label_values, input_size=args.input_size, axis=args.axis,
+        normalization=json.loads(args.normalization) if args.normalization else None,
+        foundation=json.loads(args.foundation) if args.foundation.strip().startswith("{") else {"name": args.foundation},
+        weights_dir=args.weights_dir, train_list=args.train_list, val_list=args.val_list,
+        val_fraction=args.val_fraction, max_train=args.max_train, max_val=args.max_val,
+        augment_copies=args.augment_copies, epochs=args.epochs, max_minutes=args.max_minutes,
+        batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, dice_samples=args.dice_samples,
+        latent_noise=args.latent_noise, seed=args.seed, val_every=args.val_every, cache_dir=args.cache_dir,
+        work_dir=args.work_dir, resume=not args.no_resume, licence=args.licence, citation=args.citation,
+        description=args.description)
+    train(cfg)
+    return 0
+
+
+def cmd_evaluate(args, rep: Reporter) -> int:
+    from .evaluate import evaluate
+
+    evaluate(args.model, args.data, list_name=args.list, cases=args.cases, csv_path=args.csv,
+             resolution=args.resolution, weights_dir=args.weights_dir, device=args.device,
+             batch_size=args.batch_size, fast=not args.no_fast, limit=args.limit, reporter=rep)
+    return 0
+
+
+def cmd_benchmark(args, rep: Reporter) -> int:
+    from .benchmark import run_benchmark
+
+    run_benchmark(args)
+    return 0
+
+
+def cmd_info(args, rep: Reporter) -> int:
+    from .model import GMSModel, bundled_models, resolve_model_path
+
+    if not args.model:
+        print("bundled models:", ", ".join(bundled_models()) or "none")
+        return 0
+    m = GMSModel.load(resolve_model_path(args.model))
+    print(json.dumps({k: v for k, v in m.card.items() if k != "training" or args.full}, indent=2))
+    return 0
+
+
+def cmd_sample(args, rep: Reporter) -> int:
+    from .samples import fetch_sample, SAMPLES
+
+    if not args.name:
+        for k, v in SAMPLES.items():
+            print(f"{k}: {v['description']}")
+        return 0
+    print(fetch_sample(args.name, progress=rep.download_progress(args.name)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gms", description="Generative Medical Segmentation (GMS): segment, train, "
+                                "evaluate and benchmark on the CPU or a GPU.")
+    p.add_argument("--version", action="version", version=f"gms {__version__}")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, model=True):
+        if model:
+            sp.add_argument("--model", default=None, help="model folder or bundled model name (default busi-lesion)")
+        sp.add_argument("--weights-dir", default=None,
+                        help="folder holding the foundation model weights (else $GMS_WEIGHTS_DIR, the cache, or a "
+                             "verified download)")
+        sp.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+        sp.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                        help="progress display; json = one JSON object per stdout line (the Slicer worker protocol)")
+
+    s = sub.add_parser("segment", help="segment images or volumes")
+    s.add_argument("inputs", nargs="*", help="PNG/JPEG images or NRRD/NIfTI/MHA volumes")
+    s.add_argument("-o", "--output", help="output file (.seg.nrrd, .nrrd, .nii.gz, .png) or, for several inputs, "
+                                          "a folder")
+    s.add_argument("--jobs", help="JSON file [{input, output}, ...]: a batch in which a failing item does not stop "
+                                  "the others")
+    s.add_argument("--format", default=None, help="output extension for outputs named automatically")
+    s.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
+                   help="slicing axis in numpy (z, y, x) order (default: the model card's)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--no-fast", action="store_true", help="decode every slice fully (the reference loop)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    common(s)
+    s.set_defaults(func=cmd_segment)
+
+    t = sub.add_parser("train", help="train a latent mapping model")
+    t.add_argument("data", help="data set folder (images/ masks/ split.json, or imagesTr/ labelsTr/ split.json)")
+    t.add_argument("-o", "--output", required=True, help="model folder to write")
+    t.add_argument("--name")
+    t.add_argument("--segments", nargs="+", default=["lesion"], help="segment names, one per label value")
+    t.add_argument("--label-values", nargs="+", type=int, default=None,
+                   help="mask values of the segments (2D default 255; 3D default 1..n)")
+    t.add_argument("--input-size", type=int, default=224)
+    t.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="slicing axis for 3D data (numpy order)")
+    t.add_argument("--normalization", help='JSON, e.g. {"mode": "percentile", "low": 0.5, "high": 99.5}')
+    t.add_argument("--foundation", default="taef2", help="taef2, or JSON such as "
+                                                          '{"name": "diffusers-kl", "path": "stabilityai/sd-vae-ft-mse"}')
+    t.add_argument("--train-list", default="train")
+    t.add_argument("--val-list", default=None, help="list in split.json for model selection (default: carve "
+                                                     "--val-fraction of the training list)")
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--max-train", type=int, default=None, help="use only the first N training cases")
+    t.add_argument("--max-val", type=int, default=None)
+    t.add_argument("--augment-copies", type=int, default=4, help="augmented copies per sample in the latent cache")
+    t.add_argument("--epochs", type=int, default=100)
+    t.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--warmup-epochs", type=int, default=5)
+    t.add_argument("--dice-samples", type=int, default=2,
+                   help="samples per batch whose decoded Dice loss is back-propagated through the decoder (0 = off)")
+    t.add_argument("--latent-noise", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-every", type=int, default=1)
+    t.add_argument("--cache-dir", default=None)
+    t.add_argument("--work-dir", default=None, help="checkpoints, log and latent cache (default <output>.work)")
+    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--licence")
+    t.add_argument("--citation")
+    t.add_argument("--description")
+    common(t, model=False)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="DSC, IoU and HD95 per case and label; table + CSV")
+    e.add_argument("data", help="data set folder with split.json")
+    e.add_argument("--list", default=None, help="list in split.json (default: test, else val)")
+    e.add_argument("--cases", nargs="+", default=None, help="explicit case names instead of a list")
+    e.add_argument("--csv", default=None, help="per-case CSV to write")
+    e.add_argument("--resolution", choices=("native", "model"), default="native",
+                   help="native: at the image's own size; model: at the model's input size (the GMS paper's way)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--no-fast", action="store_true")
+    e.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    common(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    b = sub.add_parser("benchmark", help="slices/s and peak RSS of our loop vs a reference-style loop")
+    from .benchmark import add_arguments
+
+    add_arguments(b)
+    common(b)
+    b.set_defaults(func=cmd_benchmark)
+
+    i = sub.add_parser("info", help="show a model card, or list bundled models")
+    i.add_argument("model", nargs="?")
+    i.add_argument("--full", action="store_true", help="include the training section")
+    i.set_defaults(func=cmd_info)
+
+    sm = sub.add_parser("sample", help="print the path of a sample image (from ../shared, or a verified download)")
+    sm.add_argument("name", nargs="?")
+    sm.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rep = Reporter(getattr(args, "progress", "bar"))
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        _threads(args.threads)
+        return args.func(args, rep)
+    except GMSError as e:
+        rep.error(str(e))
+        return 2
+    except (KeyboardInterrupt, _Terminated):
+        rep.error("cancelled")
+        return 130
+    except Exception as e:  # an unexpected failure: one line for the user, the traceback for developers
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        rep.error(f"unexpected {type(e).__name__}: {e}")
+        return 1

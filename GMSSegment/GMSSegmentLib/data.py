@@ -1,0 +1,84 @@
+"""Training / evaluation data sets.
+
+2D: a folder with ``images/<name>.<ext>``, ``masks/<name>.png`` and ``split.json`` ({"train": [...], "test": [...],
+optionally "val"}), like BUSI and Kvasir-SEG. Masks are binary (>127) or hold label values.
+3D: a folder with ``imagesTr/<case>.nii.gz``, ``labelsTr/<case>.nii.gz`` and ``split.json``, like the MSD Hippocampus;
+volumes are sliced along an axis and every slice is one sample.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+from . import GMSError
+from .normalization import apply_range, intensity_range
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class Sample:
+    name: str          # case name (3D: "<case>:<slice index>")
+    image: np.ndarray  # H x W x 3 float32 in [0, 1]
+    labels: np.ndarray  # H x W uint8 label values (0 = background)
+
+
+def detect_layout(root: Path) -> str:
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "2d"
+    if (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():
+        return "3d"
+    raise GMSError(f"{root} is not a data set folder (expected images/ + masks/ or imagesTr/ + labelsTr/)")
+
+
+def read_split(root: Path) -> dict[str, list[str]]:
+    p = root / "split.json"
+    if not p.is_file():
+        raise GMSError(f"{root} has no split.json")
+    return json.loads(p.read_text())
+
+
+def find_image(root: Path, name: str) -> Path:
+    for ext in IMAGE_EXTS:
+        p = root / "images" / f"{name}{ext}"
+        if p.is_file():
+            return p
+    raise GMSError(f"no image for case '{name}' in {root / 'images'}")
+
+
+def load_2d(root: Path, name: str, label_values=(255,)) -> Sample:
+    img = np.asarray(Image.open(find_image(root, name)).convert("RGB"), dtype=np.float32) / 255.0
+    m = np.asarray(Image.open(root / "masks" / f"{name}.png").convert("L"))
+    labels = np.zeros(m.shape, np.uint8)
+    if tuple(label_values) == (255,):
+        labels[m > 127] = 1
+    else:
+        for i, v in enumerate(label_values, start=1):
+            labels[m == v] = i
+    return Sample(name, img, labels)
+
+
+def volume_path(root: Path, sub: str, case: str) -> Path:
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        p = root / sub / f"{case}{ext}"
+        if p.is_file():
+            return p
+    raise GMSError(f"no volume for case '{case}' in {root / sub}")
+
+
+def load_3d(root: Path, case: str, normalization: dict, axis: int = 0, label_values=(1, 2)) -> list[Sample]:
+    """All slices of one case along ``axis`` of the (z, y, x) array."""
+    img = sitk.GetArrayFromImage(sitk.ReadImage(str(volume_path(root, "imagesTr", case)))).astype(np.float32)
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(volume_path(root, "labelsTr", case))))
+    lo, hi = intensity_range(img, normalization)
+    img = np.moveaxis(apply_range(img, lo, hi), axis, 0)
+    lab = np.moveaxis(lab, axis, 0)
+    labels = np.zeros(lab.shape, np.uint8)
+    for i, v in enumerate(label_values, start=1):
+        labels[lab == v] = i
+    return [Sample(f"{case}:{k}", np.repeat(img[k][..., None], 3, axis=2), labels[k]) for k in range(img.shape[0])]

@@ -1,0 +1,142 @@
+"""``gms evaluate``: per-case and mean DSC, IoU and HD95 per segment (3D for volumes), printed as a table and written
+as CSV, on a list of the data set's split.json (default: "test", else "val") or on given cases."""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import GMSError
+from .data import detect_layout, find_image, read_split, volume_path
+from .imageio import atomic_output, read_image
+from .metrics import label_metrics
+from .model import load_model, resolve_model_path
+from .pipeline import FastDecodeSettings, SliceSegmenter, pick_device, segment_array
+
+
+def _gt_2d(root: Path, name: str, label_values: list[int]) -> np.ndarray:
+    m = np.asarray(Image.open(root / "masks" / f"{name}.png").convert("L"))
+    out = np.zeros(m.shape, np.uint8)
+    if list(label_values) == [255]:
+        out[m > 127] = 1
+    else:
+        for i, v in enumerate(label_values, start=1):
+            out[m == v] = i
+    return out
+
+
+def _resize_image(arr: np.ndarray, size: int) -> np.ndarray:
+    """(1, Y, X[, 3]) raw image -> (1, size, size[, 3]), antialiased bilinear (what the model input resize does)."""
+    t = torch.from_numpy(np.ascontiguousarray(arr[0], np.float32))
+    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+    r = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    r = r[0] if arr.ndim == 3 else r.permute(1, 2, 0)
+    return r.numpy()[None]
+
+
+def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution="native", weights_dir=None,
+             device="auto", batch_size=8, fast=True, limit=None, reporter=None) -> dict:
+    root = Path(data)
+    layout = detect_layout(root)
+    dev = pick_device(device)
+    model_dir = resolve_model_path(model)
+    m = load_model(model_dir, weights_dir=weights_dir, device=dev)
+    seg = SliceSegmenter(m, dev, FastDecodeSettings(enabled=fast))
+    if cases:
+        names, list_name = list(cases), "given"
+    else:
+        split = read_split(root)
+        list_name = list_name or ("test" if "test" in split else "val")
+        if list_name not in split:
+            raise GMSError(f"split.json of {root} has no list '{list_name}' (has {sorted(split)})")
+        names = sorted(split[list_name])
+    if limit:
+        names = names[:limit]
+    train_cases = set(read_split(root).get("train", [])) if (root / "split.json").is_file() else set()
+    if list_name != "train" and set(names) & train_cases and m.card.get("training", {}).get("data") == root.name:
+        print(f"warning: {len(set(names) & train_cases)} evaluated cases are in the training list")
+    label_values = m.card.get("training", {}).get("label_values") or [s["label"] for s in m.segments]
+    seg_labels = [s["label"] for s in m.segments]
+    seg_names = {s["label"]: s["name"] for s in m.segments}
+    rows = []
+    t0 = time.perf_counter()
+    for k, name in enumerate(names):
+        if layout == "2d":
+            img = read_image(find_image(root, name))
+            gt = _gt_2d(root, name, label_values)
+            arr = img.array
+            if resolution == "model":
+                arr = _resize_image(arr, m.input_size)
+                gt = np.asarray(Image.fromarray(gt).resize((m.input_size,) * 2, Image.NEAREST))
+            pred_idx = segment_array(m, arr, is_rgb=img.is_rgb, batch_size=batch_size, segmenter=seg)[0]
+            # segment_array returns the card's label values; ground truth here holds segment indices 1..n
+            gt = np.array([0] + seg_labels, np.uint8)[gt]
+            spacing = None
+            pred = pred_idx
+        else:
+            img = read_image(volume_path(root, "imagesTr", name))
+            lab = read_image(volume_path(root, "labelsTr", name)).array.astype(np.int32)
+            gt = lab
+            pred = segment_array(m, img.array, is_rgb=img.is_rgb, batch_size=batch_size, segmenter=seg)
+            spacing = img.geometry.spacing_zyx
+        met = label_metrics(pred, gt, seg_labels, spacing)
+        for lab_v, v in met.items():
+            rows.append({"case": name, "segment": seg_names[lab_v], "label": lab_v, **v,
+                         "gt_empty": int(not (gt == lab_v).any()), "pred_empty": int(not (pred == lab_v).any())})
+        if reporter is not None:
+            reporter.progress(k + 1, len(names))
+    secs = time.perf_counter() - t0
+    summary = summarise(rows, seg_names)
+    print_table(rows, summary, model_dir, root, list_name, resolution, len(names), secs)
+    if csv_path:
+        with atomic_output(csv_path, overwrite=True) as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+                w.writeheader()
+                w.writerows(rows)
+        print(f"per-case metrics written to {csv_path}")
+    return summary
+
+
+def summarise(rows, seg_names) -> dict:
+    out = {}
+    for lab, name in seg_names.items():
+        r = [x for x in rows if x["label"] == lab]
+        d = np.array([x["dice"] for x in r])
+        j = np.array([x["iou"] for x in r])
+        h = np.array([x["hd95"] for x in r], dtype=float)
+        finite = h[np.isfinite(h)]
+        out[name] = {"cases": len(r), "dice_mean": float(d.mean()), "dice_std": float(d.std()),
+                     "iou_mean": float(j.mean()), "iou_std": float(j.std()),
+                     "hd95_mean": float(finite.mean()) if finite.size else math.nan,
+                     "hd95_undefined": int((~np.isfinite(h)).sum()),
+                     "pred_empty": int(sum(x["pred_empty"] for x in r)),
+                     "gt_empty": int(sum(x["gt_empty"] for x in r))}
+    if len(seg_names) > 1:
+        out["mean"] = {"dice_mean": float(np.mean([v["dice_mean"] for v in out.values()])),
+                       "iou_mean": float(np.mean([v["iou_mean"] for k, v in out.items() if k != "mean"]))}
+    return out
+
+
+def print_table(rows, summary, model_dir, root, list_name, resolution, n, secs):
+    print(f"\nmodel {model_dir} on {root} [{list_name}, {n} cases, resolution {resolution}] in {secs:.0f} s")
+    if n <= 20:
+        print(f"{'case':<28}{'segment':<14}{'DSC':>8}{'IoU':>8}{'HD95':>9}")
+        for r in rows:
+            print(f"{r['case']:<28}{r['segment']:<14}{100 * r['dice']:8.2f}{100 * r['iou']:8.2f}{r['hd95']:9.2f}")
+    print(f"{'segment':<16}{'cases':>6}{'DSC % (mean±sd)':>20}{'IoU % (mean±sd)':>20}{'HD95':>9}"
+          f"{'pred empty':>12}{'gt empty':>10}")
+    for name, s in summary.items():
+        if name == "mean":
+            print(f"{'mean':<16}{'':>6}{100 * s['dice_mean']:20.2f}{100 * s['iou_mean']:20.2f}")
+            continue
+        dsc = f"{100 * s['dice_mean']:.2f} ± {100 * s['dice_std']:.2f}"
+        iou = f"{100 * s['iou_mean']:.2f} ± {100 * s['iou_std']:.2f}"
+        print(f"{name:<16}{s['cases']:>6}{dsc:>20}{iou:>20}{s['hd95_mean']:9.2f}{s['pred_empty']:>12}"
+              f"{s['gt_empty']:>10}")

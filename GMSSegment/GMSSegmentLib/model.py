@@ -1,0 +1,193 @@
+"""A GMS model folder: ``model.safetensors`` (LMM weights in fp16 + latent statistics in fp32) and ``card.json``.
+
+The card says everything a user or the Slicer module needs to run and trust the model: the foundation autoencoder (and
+its weight files' SHA-256), input size, intensity normalisation, slicing axis, segments (name, label value, colour,
+code colour in the decoded image), training data, licence, citation, and measured metrics.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import GMSError
+from .lmm import LatentMappingModel, LMMConfig
+
+CARD = "card.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+#: code colours of segments in the decoded image. Binary models use white (the GMS paper's rule: channel mean > 0.5).
+#: For up to three segments these corners of the RGB cube are all sqrt(2) apart and sqrt(2) from black.
+MULTI_CODES = [(1.0, 1.0, 0.0), (0.0, 1.0, 1.0), (1.0, 0.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0),
+               (1.0, 1.0, 1.0)]
+DEFAULT_COLOURS = [(0.95, 0.35, 0.25), (0.3, 0.6, 0.95), (0.35, 0.85, 0.4), (0.95, 0.85, 0.3), (0.75, 0.4, 0.9)]
+
+
+def code_colours(n_segments: int) -> list[tuple[float, float, float]]:
+    if n_segments < 1:
+        raise GMSError("a model needs at least one segment")
+    if n_segments == 1:
+        return [(1.0, 1.0, 1.0)]
+    if n_segments > len(MULTI_CODES):
+        raise GMSError(f"at most {len(MULTI_CODES)} segments per model are supported, got {n_segments}")
+    return MULTI_CODES[:n_segments]
+
+
+def make_segments(names: list[str], labels: list[int] | None = None, colours=None) -> list[dict]:
+    labels = labels or list(range(1, len(names) + 1))
+    codes = code_colours(len(names))
+    out = []
+    for i, (name, lab) in enumerate(zip(names, labels)):
+        col = colours[i] if colours else DEFAULT_COLOURS[i % len(DEFAULT_COLOURS)]
+        out.append({"name": name, "label": int(lab), "color": [float(c) for c in col], "code": list(codes[i])})
+    return out
+
+
+class GMSModel(torch.nn.Module):
+    """LMM + latent statistics + card. The foundation autoencoder is attached separately (``attach_foundation``)
+    because it is shared, frozen and resolved from a weights folder, cache or download."""
+
+    def __init__(self, card: dict, lmm: LatentMappingModel, stats: dict[str, torch.Tensor]):
+        super().__init__()
+        self.card = card
+        self.lmm = lmm
+        for k in ("image_mean", "image_std", "mask_mean", "mask_std"):
+            self.register_buffer(k, stats[k].float().reshape(1, -1, 1, 1))
+        self.foundation = None
+
+    # -- properties from the card ---------------------------------------------------------------------------------
+    @property
+    def segments(self) -> list[dict]:
+        return self.card["segments"]
+
+    @property
+    def input_size(self) -> int:
+        return int(self.card["input_size"])
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return torch.tensor([s["code"] for s in self.segments], dtype=torch.float32)
+
+    def attach_foundation(self, foundation) -> "GMSModel":
+        want = self.card["foundation"]
+        if foundation.latent_channels != self.lmm.config.latent_channels:
+            raise GMSError(f"model '{self.card.get('name')}' expects {self.lmm.config.latent_channels} latent channels "
+                           f"but foundation model '{foundation.name}' has {foundation.latent_channels}")
+        if want.get("name") and want["name"] != foundation.name:
+            raise GMSError(f"model '{self.card.get('name')}' was trained on foundation model '{want['name']}', "
+                           f"not '{foundation.name}'")
+        self.foundation = foundation
+        return self
+
+    # -- latent standardisation --------------------------------------------------------------------------------------
+    def norm_image(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.image_mean) / self.image_std
+
+    def norm_mask(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mask_mean) / self.mask_std
+
+    def denorm_mask(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.mask_std + self.mask_mean
+
+    # -- save / load ---------------------------------------------------------------------------------------------------
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        folder = Path(folder)
+        if folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise GMSError(f"model folder {folder} exists and is not empty")
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"lmm.{k}": v.detach().to(torch.float16).contiguous() for k, v in self.lmm.state_dict().items()}
+        for k in ("image_mean", "image_std", "mask_mean", "mask_std"):
+            tensors[f"stats.{k}"] = getattr(self, k).detach().flatten().float().contiguous()
+        card = dict(self.card)
+        card["format_version"] = FORMAT_VERSION
+        card["lmm"] = self.lmm.config.to_dict()
+        card["trainable_parameters"] = self.lmm.num_parameters(trainable_only=False)
+        _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        _atomic_write(folder / CARD, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "GMSModel":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise GMSError(f"model folder not found: {folder}")
+        card_path, weights_path = folder / CARD, folder / WEIGHTS
+        if not card_path.is_file() or not weights_path.is_file():
+            raise GMSError(f"{folder} is not a GMS model folder (needs {CARD} and {WEIGHTS})")
+        try:
+            card = json.loads(card_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GMSError(f"model card {card_path} is not valid JSON: {e}") from None
+        for key in ("segments", "input_size", "foundation", "lmm", "normalization"):
+            if key not in card:
+                raise GMSError(f"model card {card_path} lacks '{key}'")
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as e:  # safetensors raises its own error types
+            raise GMSError(f"cannot read model weights {weights_path}: {e}") from None
+        lmm = LatentMappingModel(LMMConfig.from_dict(card["lmm"]))
+        state = {k[4:]: v.float() for k, v in tensors.items() if k.startswith("lmm.")}
+        try:
+            lmm.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise GMSError(f"model weights {weights_path} do not match the card's LMM: {str(e).splitlines()[0]}") from None
+        stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
+        missing = {"image_mean", "image_std", "mask_mean", "mask_std"} - set(stats)
+        if missing:
+            raise GMSError(f"model weights {weights_path} lack latent statistics {sorted(missing)}")
+        model = cls(card, lmm, stats)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+
+def _atomic_write(path: Path, writer) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_model(folder: str | Path, weights_dir=None, device: str | torch.device = "cpu", progress=None) -> GMSModel:
+    """Load a model folder and attach its foundation autoencoder (resolved from ``weights_dir``, env, cache or URL)."""
+    from .autoencoders import load_foundation
+
+    model = GMSModel.load(folder)
+    model.attach_foundation(load_foundation(model.card["foundation"], weights_dir=weights_dir, progress=progress))
+    return model.to(device)
+
+
+#: models shipped with the extension live in GMSSegment/Resources/Models/<name>/
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+DEFAULT_MODEL = "busi-lesion"
+
+
+def bundled_models() -> list[str]:
+    if not BUNDLED_MODELS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_MODELS_DIR.iterdir() if (p / CARD).is_file())
+
+
+def resolve_model_path(name_or_path: str | Path | None) -> Path:
+    """A model folder path, or the name of a bundled model (default: busi-lesion)."""
+    value = str(name_or_path or DEFAULT_MODEL)
+    p = Path(value).expanduser()
+    if p.exists():
+        return p
+    q = BUNDLED_MODELS_DIR / value
+    if q.is_dir():
+        return q
+    known = ", ".join(bundled_models()) or "none"
+    raise GMSError(f"model '{value}' not found: not a folder, nor a bundled model (bundled: {known})")

@@ -1,0 +1,1249 @@
+"""The MRML side of GMSSegment: run the engine as a background worker on volume nodes and import its results.
+
+This module never imports qt: it works in the 3D Slicer application and on the headless ``slicer-core`` MRML library
+(tests). The GUI (``GMSSegment.py``) starts a :class:`SegmentationJob` with :meth:`SegmentationLogic.start` and calls
+:meth:`SegmentationJob.poll` from a timer; nothing here blocks unless asked to (:meth:`SegmentationJob.wait`,
+:meth:`SegmentationLogic.segment`).
+
+How a job runs
+--------------
+1. Every input volume node (scalar ``vtkMRMLScalarVolumeNode`` or RGB ``vtkMRMLVectorVolumeNode``; one slice or many)
+   is exported with its geometry to a NRRD file in a private temporary folder (IJK-to-RAS turned into the LPS origin,
+   spacing and direction that files store).
+2. The engine command line is started as a child process in its own process group / session::
+
+       python -m GMSSegmentLib segment IN -o OUT.seg.nrrd --model DIR --device auto --progress json
+       python -m GMSSegmentLib segment --jobs JOBS.json --model DIR --device auto --progress json   (several volumes)
+
+   Its stdout (one JSON event a line) and stderr are read by two daemon threads into a queue, so :meth:`poll` never
+   waits on a pipe.
+3. When the worker has exited, :meth:`poll` imports every result into a *new* ``vtkMRMLSegmentationNode`` (or as new
+   segments of a chosen node; names are made unique, e.g. ``lesion (2)``, so edited segments are never overwritten),
+   with the model card's segment names and colours and the input volume as reference geometry.
+4. Cancel ends the whole process tree (SIGTERM to the group, SIGKILL after a short grace; ``taskkill /T /F`` on
+   Windows). On cancel or failure the scene is left unchanged; the temporary folder is always removed.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+try:  # in Slicer and with slicer-core; the engine itself never needs these
+    import slicer
+    import vtk
+except ImportError:  # pragma: no cover - only when the engine is installed without MRML
+    slicer = None
+    vtk = None
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SegmentationLogic",
+    "SegmentationJob",
+    "VolumeTask",
+    "JobState",
+    "TaskState",
+    "REQUIREMENTS",
+    "OPTIONAL_REQUIREMENTS",
+    "missingRequirements",
+    "requirementsForModel",
+    "moduleDirectory",
+    "findPythonExecutable",
+    "findModels",
+    "readModelCard",
+    "exportVolumeNode",
+    "addVolumeNodeFromFile",
+    "uniqueSegmentName",
+    "ijkToRasFromVolumeNode",
+    "lpsGeometryFromIjkToRas",
+    "ijkToRasFromLpsGeometry",
+]
+
+#: Python packages the worker needs (torch comes from Slicer's PyTorch extension, SimpleITK ships with Slicer)
+REQUIREMENTS = ("torch>=2.1", "numpy>=1.24", "SimpleITK>=2.2", "safetensors>=0.4", "scipy>=1.10", "tqdm>=4.60")
+#: needed only by models whose foundation autoencoder comes from diffusers
+OPTIONAL_REQUIREMENTS = {"diffusers": ("diffusers>=0.27",)}
+
+DEVICES = ("auto", "cpu", "cuda")
+CANCEL_GRACE_S = 0.75  # SIGTERM, then SIGKILL after this many seconds
+PIPE_DRAIN_S = 2.0  # after the worker exited, wait at most this long for its pipes to close
+_BINARY_LABELMAP = "Binary labelmap"
+_TEMP_PREFIX = "GMSSegment-"
+
+
+# ------------------------------------------------------------------------------------------------------------ states
+
+
+class JobState:
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # every volume segmented and imported
+    PARTIAL = "partial"  # batch: some volumes succeeded, some failed
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    FINISHED = (SUCCEEDED, PARTIAL, FAILED, CANCELLED)
+
+
+class TaskState:
+    PENDING = "pending"
+    RUNNING = "running"
+    SEGMENTED = "segmented"  # the worker reported a result; imported when the worker has exited
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# ------------------------------------------------------------------------------------------------ environment helpers
+
+
+def moduleDirectory() -> str:
+    """The folder that holds the ``GMSSegmentLib`` package (the Slicer module's folder); the worker's PYTHONPATH."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _inSlicerApplication() -> bool:
+    return slicer is not None and hasattr(slicer, "app")
+
+
+def findPythonExecutable() -> str:
+    """PythonSlicer inside the Slicer application (next to ``sys.executable`` or on PATH), else ``sys.executable``."""
+    if _inSlicerApplication():
+        exe = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+        candidates = [os.path.join(os.path.dirname(sys.executable), exe), shutil.which("PythonSlicer")]
+        for cand in candidates:
+            if cand and os.path.isfile(cand):
+                return cand
+    return sys.executable
+
+
+def workerEnvironment(weightsDir: str | None = None, base: dict | None = None) -> dict:
+    """Environment of the worker: the module folder first on PYTHONPATH, unbuffered UTF-8 output."""
+    if base is None:
+        base = os.environ.copy()
+        if _inSlicerApplication():
+            with contextlib.suppress(Exception):
+                base = slicer.util.startupEnvironment()  # PythonSlicer's launcher adds Slicer's own paths
+    env = dict(base)
+    paths = [moduleDirectory()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    if weightsDir:
+        env["GMS_WEIGHTS_DIR"] = str(weightsDir)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------- requirements
+
+
+def _parseRequirement(req: str) -> tuple[str, str | None, str | None]:
+    m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(>=|==|>|<=|<|~=)?\s*([0-9][0-9A-Za-z.+\-]*)?\s*$", req)
+    if not m:
+        raise ValueError(f"unsupported requirement {req!r}")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def _versionTuple(text: str) -> tuple:
+    parts = []
+    for piece in re.split(r"[.+\-]", text):
+        m = re.match(r"^(\d+)", piece)
+        if not m:
+            break
+        parts.append(int(m.group(1)))
+    return tuple(parts)
+
+
+def _satisfies(installed: str, op: str | None, wanted: str | None) -> bool:
+    if not op or not wanted:
+        return True
+    try:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import Version
+
+        return Version(installed) in SpecifierSet(op + wanted, prereleases=True)
+    except Exception:  # packaging missing or a local version it cannot parse: compare numerically
+        a, b = _versionTuple(installed), _versionTuple(wanted)
+        n = max(len(a), len(b))
+        a, b = a + (0,) * (n - len(a)), b + (0,) * (n - len(b))
+        return {">=": a >= b, ">": a > b, "==": a == b, "<=": a <= b, "<": a < b, "~=": a >= b}[op]
+
+
+def missingRequirements(requirements: Iterable[str] = REQUIREMENTS) -> list[str]:
+    """The requirements (pip syntax, e.g. ``"torch>=2.1"``) not satisfied in this Python, without importing them."""
+    missing = []
+    for req in requirements:
+        name, op, wanted = _parseRequirement(req)
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(req)
+            continue
+        if not _satisfies(installed, op, wanted):
+            missing.append(req)
+    return missing
+
+
+def requirementsForModel(model: str | None = None) -> list[str]:
+    """REQUIREMENTS plus what the model's foundation autoencoder needs (diffusers for ``diffusers-*`` models)."""
+    reqs = list(REQUIREMENTS)
+    if model:
+        with contextlib.suppress(Exception):
+            card = readModelCard(model)
+            foundation = card.get("foundation") or {}
+            fname = foundation if isinstance(foundation, str) else str(foundation.get("name", ""))
+            if fname.lower().startswith("diffusers") or fname.lower() in ("autoencoderkl", "autoencodertiny"):
+                reqs += list(OPTIONAL_REQUIREMENTS["diffusers"])
+    return reqs
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+
+
+def _modelSearchPaths() -> list[str]:
+    here = moduleDirectory()
+    paths = []
+    env = os.environ.get("GMS_MODELS_DIR")
+    if env:
+        paths += [p for p in env.split(os.pathsep) if p]
+    paths += [
+        os.path.join(here, "Resources", "Models"),  # installed extension
+        os.path.join(os.path.dirname(here), "Resources", "Models"),  # source tree
+    ]
+    return paths
+
+
+def findModels(searchPaths: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """``(name, folder)`` of every model folder (a folder with ``card.json``) in the search paths, first one wins."""
+    found: dict[str, str] = {}
+    for base in searchPaths if searchPaths is not None else _modelSearchPaths():
+        if not os.path.isdir(base):
+            continue
+        for entry in sorted(os.listdir(base)):
+            folder = os.path.join(base, entry)
+            if os.path.isfile(os.path.join(folder, "card.json")) and entry not in found:
+                found[entry] = os.path.abspath(folder)
+    return list(found.items())
+
+
+def resolveModel(model: str, searchPaths: Sequence[str] | None = None) -> str:
+    """A model folder path (returned absolute) or the name of a model found by :func:`findModels`."""
+    if not model or not str(model).strip():
+        raise ValueError("no model selected: choose a model folder")
+    model = os.path.expanduser(str(model).strip())
+    if os.path.isdir(model):
+        return os.path.abspath(model)
+    for name, folder in findModels(searchPaths):
+        if name == model:
+            return folder
+    raise ValueError(f"model not found: {model} (neither a folder nor the name of an installed model)")
+
+
+def readModelCard(model: str) -> dict:
+    """The model folder's ``card.json`` (a dict); ValueError with a clear message when missing or invalid."""
+    folder = resolveModel(model)
+    path = os.path.join(folder, "card.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            card = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{folder} is not a GMS model folder (card.json is missing)") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the model card {path}: {e}") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"the model card {path} is not a JSON object")
+    return card
+
+
+# -------------------------------------------------------------------------------------------------------- geometry
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def ijkToRasFromVolumeNode(volumeNode) -> np.ndarray:
+    """The volume node's IJK-to-RAS matrix (4x4 numpy array; local coordinates, parent transforms not applied)."""
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def lpsGeometryFromIjkToRas(ijkToRas: np.ndarray) -> tuple[tuple, tuple, tuple]:
+    """``(origin, spacing, direction)`` in ITK's LPS convention (direction row-major, columns = axis directions)."""
+    ijkToRas = np.asarray(ijkToRas, dtype=float)
+    lin = ijkToRas[:3, :3]
+    spacing = np.linalg.norm(lin, axis=0)
+    if np.any(spacing <= 0) or not np.all(np.isfinite(spacing)):
+        raise ValueError(f"invalid volume geometry: spacing {spacing.tolist()}")
+    direction = _RAS_TO_LPS @ (lin / spacing)
+    origin = _RAS_TO_LPS @ ijkToRas[:3, 3]
+    return tuple(origin.tolist()), tuple(spacing.tolist()), tuple(direction.flatten().tolist())
+
+
+def ijkToRasFromLpsGeometry(origin, spacing, direction) -> np.ndarray:
+    """Inverse of :func:`lpsGeometryFromIjkToRas` (2D geometries get z spacing 1, origin z 0)."""
+    origin, spacing, direction = list(origin), list(spacing), list(direction)
+    if len(origin) == 2:
+        origin, spacing = origin + [0.0], spacing + [1.0]
+        d = direction
+        direction = [d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0]
+    m = np.eye(4)
+    m[:3, :3] = _RAS_TO_LPS @ np.array(direction, dtype=float).reshape(3, 3) @ np.diag(spacing)
+    m[:3, 3] = _RAS_TO_LPS @ np.array(origin, dtype=float)
+    return m
+
+
+def _vtkMatrix(m: np.ndarray):
+    out = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            out.SetElement(i, j, float(m[i][j]))
+    return out
+
+
+def _volumeArray(volumeNode) -> np.ndarray:
+    """A copy of the voxels: (K, J, I) scalar or (K, J, I, 3) RGB; RGBA drops alpha, other multi-component keeps one."""
+    image = volumeNode.GetImageData() if volumeNode is not None else None
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise ValueError(f"volume '{volumeNode.GetName() if volumeNode else None}' has no image data")
+    dims = image.GetDimensions()
+    if min(dims) < 1:
+        raise ValueError(f"volume '{volumeNode.GetName()}' is empty (dimensions {dims})")
+    import vtk.util.numpy_support as vtk_np
+
+    ncomp = image.GetNumberOfScalarComponents()
+    arr = vtk_np.vtk_to_numpy(image.GetPointData().GetScalars())
+    shape = tuple(reversed(dims)) + ((ncomp,) if ncomp > 1 else ())
+    arr = np.array(arr.reshape(shape), copy=True)
+    if ncomp == 4:
+        arr = arr[..., :3]
+    elif ncomp == 2 or ncomp > 4:
+        arr = arr[..., 0]
+    return np.ascontiguousarray(arr)
+
+
+def exportVolumeNode(volumeNode, path: str, compress: bool = False) -> dict:
+    """Write a scalar or RGB vector volume node with its geometry (LPS, as files store it) to ``path`` via SimpleITK.
+
+    Returns ``{"shape": (K, J, I), "components": n}``. The node's own IJK-to-RAS is used (a parent transform is not
+    hardened); results are imported back into the same coordinate frame.
+    """
+    import SimpleITK as sitk
+
+    arr = _volumeArray(volumeNode)
+    isVector = arr.ndim == 4
+    if arr.dtype == np.int64 or arr.dtype == np.uint64:  # not every reader handles 64-bit integers
+        arr = arr.astype(np.float64)
+    img = sitk.GetImageFromArray(arr, isVector=isVector)
+    origin, spacing, direction = lpsGeometryFromIjkToRas(ijkToRasFromVolumeNode(volumeNode))
+    img.SetOrigin(origin)
+    img.SetSpacing(spacing)
+    img.SetDirection(direction)
+    sitk.WriteImage(img, path, useCompression=compress)
+    return {"shape": tuple(arr.shape[:3]), "components": arr.shape[3] if isVector else 1}
+
+
+def addVolumeNodeFromFile(scene, path: str, name: str | None = None, vector: bool | None = None):
+    """Load an image file (any format SimpleITK reads, e.g. PNG, which slicer-core's readers lack) as a volume node.
+
+    RGB(A) images become ``vtkMRMLVectorVolumeNode`` (alpha dropped) unless ``vector=False``, which converts them to
+    luminance; scalar images become ``vtkMRMLScalarVolumeNode``. A 2D image becomes a single-slice volume with the
+    geometry Slicer gives it (the file's LPS geometry, z spacing 1).
+    """
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(img)
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    if img.GetDimension() == 2:
+        arr = arr[np.newaxis]
+    if ncomp == 4:
+        arr = arr[..., :3]
+    elif ncomp == 2:
+        arr = arr[..., 0]
+    isVector = arr.ndim == 4
+    if isVector and vector is False:
+        lum = arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
+        arr = np.round(lum).astype(arr.dtype) if arr.dtype.kind in "iu" else lum.astype(arr.dtype)
+        isVector = False
+    className = "vtkMRMLVectorVolumeNode" if isVector else "vtkMRMLScalarVolumeNode"
+    if name is None:
+        base = os.path.basename(str(path))
+        for ext in (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+            if base.lower().endswith(ext):
+                base = base[: -len(ext)]
+                break
+        name = base
+    node = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name))
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(arr))
+    node.SetIJKToRASMatrix(_vtkMatrix(ijkToRasFromLpsGeometry(img.GetOrigin(), img.GetSpacing(), img.GetDirection())))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+# ---------------------------------------------------------------------------------------------------- segmentation
+
+
+def uniqueSegmentName(segmentation, name: str) -> str:
+    """``name``, or ``name (2)``, ``name (3)``, ... if a segment of ``segmentation`` already has that name."""
+    taken = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
+    if name not in taken:
+        return name
+    n = 2
+    while f"{name} ({n})" in taken:
+        n += 1
+    return f"{name} ({n})"
+
+
+def _orientedImage(array: np.ndarray, ijkToRas: np.ndarray, extentStart=(0, 0, 0)):
+    """vtkOrientedImageData (unsigned char) from a (K, J, I) array."""
+    import vtk.util.numpy_support as vtk_np
+
+    img = slicer.vtkOrientedImageData()
+    k, j, i = array.shape
+    i0, j0, k0 = extentStart
+    img.SetExtent(i0, i0 + i - 1, j0, j0 + j - 1, k0, k0 + k - 1)
+    img.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    vtk_np.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(array.shape)[:] = array
+    img.SetImageToWorldMatrix(_vtkMatrix(ijkToRas))
+    return img
+
+
+def _imageToWorld(image) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def _normalisedSegments(segments: Any) -> list[dict]:
+    out = []
+    for i, s in enumerate(segments or []):
+        if not isinstance(s, dict) or "label" not in s:
+            continue
+        color = s.get("color")
+        try:
+            color = [min(1.0, max(0.0, float(c))) for c in color][:3] if color is not None else None
+            if color is not None and len(color) != 3:
+                color = None
+        except (TypeError, ValueError):
+            color = None
+        out.append({"name": str(s.get("name") or f"Segment_{s['label']}"), "label": int(s["label"]), "color": color,
+                    "terminology": s.get("terminology")})
+    return out
+
+
+@dataclass
+class _LoadedSegment:
+    name: str
+    label: int
+    color: list | None
+    image: Any  # vtkOrientedImageData, 0/1 unsigned char
+    terminology: str | None = None
+
+
+def _readResultSegments(path: str, segments: list[dict]) -> list[_LoadedSegment]:
+    """Binary labelmaps of the worker's result file, one per described segment (empty ones included).
+
+    ``.seg.nrrd`` files are read with Slicer's own segmentation reader in a private scene; other label maps (or a
+    ``.seg.nrrd`` that reader rejects) with SimpleITK. Segments are matched by label value.
+    """
+    loaded: list[_LoadedSegment] = []
+    if path.lower().endswith(".seg.nrrd"):
+        with contextlib.suppress(Exception):
+            loaded = _readWithSegmentationStorageNode(path, segments)
+    if not loaded:
+        loaded = _readWithSimpleITK(path, segments)
+    return loaded
+
+
+def _readWithSegmentationStorageNode(path: str, segments: list[dict]) -> list[_LoadedSegment]:
+    scratch = slicer.vtkMRMLScene()
+    node = scratch.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scratch.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(path)
+    if not storage.ReadData(node):
+        raise RuntimeError(f"cannot read {path}")
+    seg = node.GetSegmentation()
+    byLabel, byName = {}, {}
+    for i in range(seg.GetNumberOfSegments()):
+        sid = seg.GetNthSegmentID(i)
+        s = seg.GetSegment(sid)
+        byLabel.setdefault(int(s.GetLabelValue()), sid)
+        byName.setdefault(s.GetName(), sid)
+    if not segments:  # nothing described: take what the file has
+        segments = []
+        for i in range(seg.GetNumberOfSegments()):
+            s = seg.GetNthSegment(i)
+            segments.append({"name": s.GetName(), "label": int(s.GetLabelValue()), "color": list(s.GetColor()),
+                             "terminology": None})
+    reference = None
+    for sid in byLabel.values():
+        reference = seg.GetSegment(sid).GetRepresentation(_BINARY_LABELMAP)
+        if reference is not None:
+            break
+    if reference is None:
+        raise RuntimeError(f"{path} holds no binary labelmap")
+    out = []
+    for d in segments:
+        sid = byLabel.get(d["label"]) or byName.get(d["name"])
+        image = slicer.vtkOrientedImageData()
+        if sid is not None:
+            node.GetBinaryLabelmapRepresentation(sid, image)
+        if sid is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+            # absent or empty segment: an empty labelmap on the file's grid
+            ext = reference.GetExtent()
+            shape = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+            image = _orientedImage(np.zeros(shape, np.uint8), _imageToWorld(reference), (ext[0], ext[2], ext[4]))
+        out.append(_LoadedSegment(d["name"], d["label"], d.get("color"), image, d.get("terminology")))
+    return out
+
+
+def _readWithSimpleITK(path: str, segments: list[dict]) -> list[_LoadedSegment]:
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(path)
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{path} is not a label map")
+    arr = sitk.GetArrayFromImage(img)
+    if img.GetDimension() == 2:
+        arr = arr[np.newaxis]
+    ijkToRas = ijkToRasFromLpsGeometry(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
+    if not segments:
+        segments = [{"name": f"Segment_{v}", "label": int(v), "color": None, "terminology": None}
+                    for v in np.unique(arr) if v != 0]
+    return [_LoadedSegment(d["name"], d["label"], d.get("color"),
+                           _orientedImage((arr == d["label"]).astype(np.uint8), ijkToRas), d.get("terminology"))
+            for d in segments]
+
+
+def _snapToVolumeGeometry(image, volumeNode, tolerance: float = 1e-4) -> None:
+    """Give a labelmap that lies on the volume's grid (within rounding) exactly the volume's IJK-to-RAS matrix."""
+    volumeMatrix = ijkToRasFromVolumeNode(volumeNode)
+    imageMatrix = _imageToWorld(image)
+    scale = max(1.0, float(np.abs(volumeMatrix).max()))
+    if np.allclose(imageMatrix, volumeMatrix, atol=tolerance * scale, rtol=0):
+        image.SetImageToWorldMatrix(_vtkMatrix(volumeMatrix))
+
+
+# ------------------------------------------------------------------------------------------------------------- worker
+
+_liveWorkers: "weakref.WeakSet[_Worker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _killLiveWorkers() -> None:
+    """Workers run in their own session: end them when this Python (e.g. the Slicer application) exits."""
+    for worker in list(_liveWorkers):
+        with contextlib.suppress(Exception):
+            if worker.proc.poll() is None:
+                worker.signalTree(kill=True)
+
+
+
+class _Worker:
+    """A child process in its own process group, its stdout/stderr read line by line into a queue by threads."""
+
+    def __init__(self, args: list[str], env: dict, cwd: str | None = None):
+        kwargs: dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200) | getattr(
+                subprocess, "CREATE_NO_WINDOW", 0x08000000)
+        else:
+            kwargs["start_new_session"] = True  # own session and process group: cancel reaches the whole tree
+        self.args = list(args)
+        try:
+            self.proc = subprocess.Popen(
+                self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd,
+                text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+        except OSError as e:
+            raise RuntimeError(f"cannot start the segmentation worker {self.args[0]}: {e}") from None
+        self.pid = self.proc.pid
+        _liveWorkers.add(self)
+        self.lines: queue.Queue = queue.Queue()
+        self.exitTime: float | None = None
+        self._threads = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, "stdout"), daemon=True,
+                             name=f"GMSSegment-stdout-{self.pid}"),
+            threading.Thread(target=self._read, args=(self.proc.stderr, "stderr"), daemon=True,
+                             name=f"GMSSegment-stderr-{self.pid}"),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _read(self, stream, name: str) -> None:
+        try:
+            for line in iter(stream.readline, ""):
+                self.lines.put((name, line.rstrip("\r\n")))
+        except (OSError, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+    def returncode(self) -> int | None:
+        rc = self.proc.poll()
+        if rc is not None and self.exitTime is None:
+            self.exitTime = time.monotonic()
+        return rc
+
+    def pipesClosed(self) -> bool:
+        return not any(t.is_alive() for t in self._threads)
+
+    def signalTree(self, kill: bool) -> None:
+        """SIGTERM (``kill=False``) or SIGKILL to the worker's process group; on Windows taskkill the tree."""
+        if os.name == "nt":  # no gentle tree-wide signal for a windowless process group: end the tree
+            with contextlib.suppress(Exception):
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.pid)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=5,
+                               creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000))
+            with contextlib.suppress(Exception):
+                self.proc.kill()
+            return
+        sig = signal.SIGKILL if kill else signal.SIGTERM
+        try:
+            os.killpg(self.pid, sig)  # pgid == pid (start_new_session)
+        except (ProcessLookupError, PermissionError):
+            if self.proc.poll() is None:
+                with contextlib.suppress(Exception):
+                    self.proc.send_signal(sig)
+
+    def terminateTree(self, grace: float = CANCEL_GRACE_S) -> None:
+        """End the whole tree without blocking the caller: SIGTERM now, SIGKILL after ``grace`` from a thread."""
+        self.signalTree(kill=False)
+
+        def escalate():
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+            self.signalTree(kill=True)  # also reaches grandchildren that outlived the leader
+
+        threading.Thread(target=escalate, daemon=True, name=f"GMSSegment-kill-{self.pid}").start()
+
+
+# ---------------------------------------------------------------------------------------------------------------- job
+
+
+@dataclass
+class VolumeTask:
+    """One input volume of a job and what became of it."""
+
+    index: int
+    volumeNodeID: str
+    volumeName: str
+    inputPath: str
+    outputPath: str
+    targetSegmentationNodeID: str | None = None
+    state: str = TaskState.PENDING
+    message: str = ""
+    done: int = 0
+    total: int = 0
+    segments: list = field(default_factory=list)
+    segmentationNodeID: str | None = None  # where the result went
+    segmentIDs: list = field(default_factory=list)  # the segments added by this job
+    createdSegmentationNode: bool = False
+
+    @property
+    def fraction(self) -> float:
+        if self.state in (TaskState.SEGMENTED, TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED):
+            return 1.0
+        return self.done / self.total if self.total else 0.0
+
+
+class SegmentationJob:
+    """A running worker over one or several volume nodes. Drive it with :meth:`poll` (never blocks)."""
+
+    def __init__(self, logic: "SegmentationLogic", scene, tasks: list[VolumeTask], args: list[str], env: dict,
+                 tempDir: str, batch: bool):
+        self.logic = logic
+        self.scene = scene
+        self.tasks = tasks
+        self.args = args
+        self.tempDir = tempDir
+        self.batch = batch
+        self.modelDir = ""
+        self.card: dict = {}
+        self.state = JobState.RUNNING
+        self.errorMessage = ""
+        self.returnCode: int | None = None
+        self.startTime = time.monotonic()
+        self.endTime: float | None = None
+        self._log: list[str] = []
+        self._pendingLog: list[str] = []
+        self._stderrTail: collections.deque = collections.deque(maxlen=40)
+        self._cancelRequested = False
+        self._doneEvent: dict | None = None
+        self._downloading: tuple | None = None
+        self._errorMessages: set = set()
+        self._worker = _Worker(args, env, cwd=tempDir)
+        self._logLine(f"Started worker (pid {self._worker.pid}): {' '.join(_quote(a) for a in args)}")
+
+    # -- public state ---------------------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int:
+        return self._worker.pid
+
+    @property
+    def finished(self) -> bool:
+        return self.state in JobState.FINISHED
+
+    @property
+    def running(self) -> bool:
+        return not self.finished
+
+    @property
+    def progress(self) -> float:
+        """0..1 over all volumes."""
+        if not self.tasks:
+            return 1.0
+        if self.state == JobState.SUCCEEDED:
+            return 1.0
+        return sum(t.fraction for t in self.tasks) / len(self.tasks)
+
+    @property
+    def log(self) -> list[str]:
+        """Every log line so far."""
+        return list(self._log)
+
+    @property
+    def statusText(self) -> str:
+        if self.state == JobState.RUNNING:
+            if self._cancelRequested:
+                return "Cancelling..."
+            running = [t for t in self.tasks if t.state == TaskState.RUNNING]
+            if self._downloading is not None:
+                what, done, total = self._downloading
+                amount = f"{done / 1e6:.0f} of {total / 1e6:.0f} MB" if total else f"{done / 1e6:.0f} MB"
+                return f"Downloading {what}: {amount}"
+            if running:
+                t = running[0]
+                where = f" ({t.index + 1}/{len(self.tasks)})" if self.batch else ""
+                step = f": slice {t.done}/{t.total}" if t.total else ""
+                return f"Segmenting {t.volumeName}{where}{step}"
+            return "Starting the worker (loading the model)..."
+        if self.state == JobState.SUCCEEDED:
+            n = len(self.tasks)
+            return f"Done: {n} volume{'s' if n != 1 else ''} segmented in {self.elapsed:.1f} s"
+        if self.state == JobState.PARTIAL:
+            ok = sum(t.state == TaskState.SUCCEEDED for t in self.tasks)
+            return f"Done with errors: {ok} of {len(self.tasks)} volumes segmented"
+        if self.state == JobState.CANCELLED:
+            return "Cancelled"
+        return f"Failed: {self.errorMessage}"
+
+    @property
+    def elapsed(self) -> float:
+        return (self.endTime or time.monotonic()) - self.startTime
+
+    @property
+    def segmentationNodes(self) -> list:
+        """The segmentation nodes that received results (existing ones included), in task order."""
+        out = []
+        for t in self.tasks:
+            if t.segmentationNodeID:
+                node = self.scene.GetNodeByID(t.segmentationNodeID)
+                if node is not None and node not in out:
+                    out.append(node)
+        return out
+
+    # -- driving --------------------------------------------------------------------------------------------------
+    def poll(self) -> list[str]:
+        """Process what the worker said since the last call; finish the job when it has exited. Returns new log
+        lines. Never blocks (reading happens in threads); the import into the scene happens here, in the caller's
+        thread, once the worker is gone."""
+        if self.finished:
+            return self._takeLog()
+        self._drain()
+        rc = self._worker.returncode()
+        if rc is not None:
+            closed = self._worker.pipesClosed()
+            if not closed and time.monotonic() - (self._worker.exitTime or 0) > PIPE_DRAIN_S:
+                # something in the worker's group still holds its pipes: end it and go on
+                self._worker.signalTree(kill=True)
+                closed = True
+            if closed:
+                self._drain()
+                self.returnCode = rc
+                try:
+                    self._finish()
+                except Exception as e:  # never leave a job that can not finish
+                    log.exception("GMSSegment: finishing the job failed")
+                    self.state = JobState.FAILED
+                    self.errorMessage = f"internal error while finishing: {e}"
+                    self._logLine(self.statusText)
+        return self._takeLog()
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> str:
+        """Poll until the job finished (for scripts and tests; the GUI uses a timer). Returns the final state.
+        On timeout the job is cancelled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            self.poll()
+            if self.finished:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                deadline = None
+                self.errorMessage = f"timed out after {timeout} s"
+            time.sleep(interval)
+        return self.state
+
+    def cancel(self) -> None:
+        """End the worker's whole process tree (non-blocking: SIGTERM now, SIGKILL after a short grace). The next
+        :meth:`poll` calls finish the job as cancelled: nothing is imported and the temporary files are removed."""
+        if self.finished or self._cancelRequested:
+            return
+        self._cancelRequested = True
+        self._logLine("Cancel requested: stopping the worker")
+        self._worker.terminateTree()
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _takeLog(self) -> list[str]:
+        lines, self._pendingLog = self._pendingLog, []
+        return lines
+
+    def _logLine(self, text: str) -> None:
+        self._log.append(text)
+        self._pendingLog.append(text)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                stream, line = self._worker.lines.get_nowait()
+            except queue.Empty:
+                return
+            if stream == "stdout":
+                self._handleStdout(line)
+            else:
+                if line.strip():
+                    self._stderrTail.append(line)
+                    if line.startswith("gms: error: ") and line[len("gms: error: "):] in self._errorMessages:
+                        continue  # the same message already came as a JSON error event
+                    self._logLine(line)
+
+    def _task(self, event: dict) -> VolumeTask | None:
+        item = event.get("item")
+        if item is None:
+            return self.tasks[0] if len(self.tasks) == 1 else None
+        try:
+            item = int(item)
+        except (TypeError, ValueError):
+            return None
+        return self.tasks[item] if 0 <= item < len(self.tasks) else None
+
+    def _handleStdout(self, line: str) -> None:
+        text = line.strip()
+        event = None
+        if text.startswith("{"):
+            with contextlib.suppress(ValueError):
+                event = json.loads(text)
+        if not isinstance(event, dict) or "event" not in event:
+            if text:
+                self._logLine(line)
+            return
+        kind = event.get("event")
+        task = self._task(event)
+        prefix = f"[{task.volumeName}] " if (task is not None and self.batch) else ""
+        if kind == "start":
+            if task is not None:
+                task.state = TaskState.RUNNING
+                task.total = _int(event.get("total"), 0)
+                task.done = 0
+        elif kind == "progress":
+            if task is not None:
+                if task.state == TaskState.PENDING:
+                    task.state = TaskState.RUNNING
+                task.done = _int(event.get("done"), task.done)
+                task.total = _int(event.get("total"), task.total)
+        elif kind == "log":
+            self._logLine(prefix + str(event.get("message", "")))
+        elif kind == "result":
+            if task is not None:
+                task.state = TaskState.SEGMENTED
+                task.segments = _normalisedSegments(event.get("segments")) or task.segments
+                path = event.get("path")
+                if path:
+                    task.outputPath = str(path)
+                self._logLine(prefix + "Segmented")
+        elif kind == "error":
+            message = str(event.get("message", "unknown error"))
+            self._errorMessages.add(message)
+            if task is not None:
+                task.state = TaskState.FAILED
+                task.message = message
+            else:
+                self.errorMessage = message
+            self._logLine(prefix + "Error: " + message)
+        elif kind == "done":
+            self._doneEvent = event
+        elif kind == "download":
+            self._download(event)
+        else:
+            self._logLine(line)
+
+    def _download(self, event: dict) -> None:
+        what = str(event.get("what") or "weights")
+        done, total = _int(event.get("done"), 0), event.get("total")
+        total = _int(total, 0) if total is not None else 0
+        first = self._downloading is None
+        self._downloading = (what, done, total)
+        if first:
+            self._logLine(f"Downloading {what} (first use; cached afterwards)...")
+        if total and done >= total:
+            self._logLine(f"Downloaded {what} ({total / 1e6:.1f} MB)")
+            self._downloading = None
+
+    def _workerFailureMessage(self) -> str:
+        rc = self.returnCode
+        if rc is not None and rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except (ValueError, AttributeError):
+                name = f"signal {-rc}"
+            hint = " (out of memory, or ended by another program)" if -rc == getattr(signal, "SIGKILL", 9) else ""
+            return f"the segmentation worker was killed by {name}{hint}"
+        tail = [l for l in self._stderrTail if l.strip()]
+        detail = ""
+        if tail:
+            errors = [l for l in tail if re.match(r"^\w*(Error|Exception)\b", l.strip()) or "Error:" in l]
+            detail = ": " + (errors[-1] if errors else tail[-1]).strip()
+        return f"the segmentation worker stopped with exit code {rc}{detail}"
+
+    def _finish(self) -> None:
+        try:
+            if self._cancelRequested:
+                for t in self.tasks:
+                    t.state = TaskState.CANCELLED
+                    t.message = "cancelled"
+                self.state = JobState.CANCELLED
+                if not self.errorMessage or self.errorMessage == "cancelled":
+                    self.errorMessage = "cancelled by the user"
+                self._logLine("Cancelled: the scene was not changed")
+                return
+            crashed = self.returnCode != 0 and not any(t.state == TaskState.FAILED for t in self.tasks) \
+                and not self.errorMessage
+            for t in self.tasks:
+                if t.state == TaskState.SEGMENTED:
+                    if not os.path.isfile(t.outputPath):
+                        t.state = TaskState.FAILED
+                        t.message = "the worker reported a result but wrote no file"
+                        continue
+                    try:
+                        self.logic._importTask(self.scene, t)
+                        t.state = TaskState.SUCCEEDED
+                        node = self.scene.GetNodeByID(t.segmentationNodeID)
+                        self._logLine(f"Imported {len(t.segmentIDs)} segment(s) of {t.volumeName} into "
+                                      f"'{node.GetName() if node else t.segmentationNodeID}'")
+                    except Exception as e:  # keep the scene unchanged for this volume; go on with the others
+                        log.exception("import of %s failed", t.outputPath)
+                        t.state = TaskState.FAILED
+                        t.message = f"import failed: {e}"
+                        self._logLine(f"Error importing {t.volumeName}: {e}")
+                elif t.state in (TaskState.PENDING, TaskState.RUNNING):
+                    t.state = TaskState.FAILED
+                    if self.errorMessage:  # e.g. the model could not be loaded
+                        t.message = self.errorMessage
+                    elif self.returnCode != 0:
+                        t.message = self._workerFailureMessage()
+                    else:
+                        t.message = "the worker finished without a result"
+            ok = [t for t in self.tasks if t.state == TaskState.SUCCEEDED]
+            failed = [t for t in self.tasks if t.state == TaskState.FAILED]
+            if not failed:
+                self.state = JobState.SUCCEEDED
+            elif ok:
+                self.state = JobState.PARTIAL
+            else:
+                self.state = JobState.FAILED
+            if failed and not self.errorMessage:
+                if crashed and len(failed) == len(self.tasks):
+                    self.errorMessage = self._workerFailureMessage()
+                elif len(self.tasks) == 1:
+                    self.errorMessage = failed[0].message
+                else:
+                    self.errorMessage = "; ".join(f"{t.volumeName}: {t.message}" for t in failed)
+            self._logLine(self.statusText)
+        finally:
+            self.endTime = time.monotonic()
+            self._cleanup()
+            self.logic._jobFinished(self)
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.tempDir, ignore_errors=True)
+        if os.path.exists(self.tempDir):  # Windows: a file may still be open for a moment
+            time.sleep(0.2)
+            shutil.rmtree(self.tempDir, ignore_errors=True)
+
+
+def _int(value, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if (" " in arg or not arg) else arg
+
+
+# -------------------------------------------------------------------------------------------------------------- logic
+
+
+class SegmentationLogic:
+    """Segment volume nodes with a GMS model in a background worker. No qt; usable in Slicer and on slicer-core.
+
+    ``scene``: the MRML scene (default: ``slicer.mrmlScene`` in Slicer; otherwise the input node's scene).
+    ``pythonExecutable``: the worker's Python (default :func:`findPythonExecutable`).
+    ``tempRoot``: where job folders are created (default: Slicer's temporary folder, else the system's).
+    """
+
+    def __init__(self, scene=None, pythonExecutable: str | None = None, tempRoot: str | None = None):
+        self.scene = scene
+        self.pythonExecutable = pythonExecutable
+        self.tempRoot = tempRoot
+        self.extraWorkerArgs: list[str] = []
+        self.job: SegmentationJob | None = None
+        self._jobs: list[SegmentationJob] = []
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def _scene(self, nodes: Sequence = ()):
+        if self.scene is not None:
+            return self.scene
+        for n in nodes:
+            if n is not None and n.GetScene() is not None:
+                return n.GetScene()
+        if slicer is not None and getattr(slicer, "mrmlScene", None) is not None:
+            return slicer.mrmlScene
+        raise ValueError("no MRML scene: pass scene= to SegmentationLogic or use nodes that are in a scene")
+
+    def _tempRoot(self) -> str:
+        if self.tempRoot:
+            os.makedirs(self.tempRoot, exist_ok=True)
+            return self.tempRoot
+        if _inSlicerApplication():
+            with contextlib.suppress(Exception):
+                path = slicer.app.temporaryPath
+                if path:
+                    os.makedirs(path, exist_ok=True)
+                    return path
+        return tempfile.gettempdir()
+
+    @staticmethod
+    def isSegmentableVolume(node) -> bool:
+        """Scalar or vector volume node (not a labelmap) with image data."""
+        if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return False
+        return node.GetImageData() is not None
+
+    def loadedVolumes(self, scene=None) -> list:
+        """Every scalar / RGB volume node of the scene (labelmaps excluded), in scene order."""
+        scene = scene or self._scene()
+        nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+        out = []
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            if self.isSegmentableVolume(node) and not node.GetHideFromEditors():
+                out.append(node)
+        return out
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None and self.job.running
+
+    # -- starting -------------------------------------------------------------------------------------------------
+    def start(self, volumeNodes, model: str, device: str = "auto", axis: int | None = None,
+              weightsDir: str | None = None, outputSegmentationNode=None) -> SegmentationJob:
+        """Start segmenting one volume node (or a list: one batch worker) and return the running job.
+
+        ``model``: model folder or installed model name. ``device``: ``auto``, ``cpu`` or ``cuda``. ``axis``: slicing
+        axis 0/1/2 in numpy (K, J, I) order, or None for the model's (a single-slice volume is always sliced across
+        its thin axis). ``weightsDir``: local foundation weights folder (offline sites). ``outputSegmentationNode``:
+        existing node to add the new segments to (single volume only); default a new node per volume.
+
+        Raises ValueError (clear message, scene unchanged, nothing started) for invalid input.
+        """
+        if self.running:
+            raise ValueError("a segmentation is already running; cancel it or wait until it finished")
+        single = not isinstance(volumeNodes, (list, tuple))
+        nodes = [volumeNodes] if single else list(volumeNodes)
+        if not nodes:
+            raise ValueError("no volume to segment")
+        for n in nodes:
+            if n is None:
+                raise ValueError("no input volume selected")
+            if not n.IsA("vtkMRMLScalarVolumeNode") or n.IsA("vtkMRMLLabelMapVolumeNode"):
+                raise ValueError(f"'{n.GetName()}' is not a scalar or RGB volume")
+        if len({n.GetID() for n in nodes}) != len(nodes):
+            raise ValueError("the same volume is listed twice")
+        if outputSegmentationNode is not None and len(nodes) > 1:
+            raise ValueError("an output segmentation node can only be chosen for a single volume")
+        device = (device or "auto").lower()
+        if device == "gpu":
+            device = "cuda"
+        if device not in DEVICES:
+            raise ValueError(f"unknown device '{device}' (use auto, cpu or cuda)")
+        if axis is not None and int(axis) not in (0, 1, 2):
+            raise ValueError(f"slicing axis must be 0, 1 or 2, got {axis}")
+        modelDir = resolveModel(model)
+        card = readModelCard(modelDir)
+        cardSegments = _normalisedSegments(card.get("segments"))
+        if weightsDir and not os.path.isdir(os.path.expanduser(str(weightsDir))):
+            raise ValueError(f"foundation weights folder not found: {weightsDir}")
+        scene = self._scene(nodes)
+
+        tempDir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self._tempRoot())
+        try:
+            tasks = []
+            autoAxes = set()
+            for i, node in enumerate(nodes):
+                inputPath = os.path.join(tempDir, f"input_{i}.nrrd")
+                try:
+                    info = exportVolumeNode(node, inputPath)
+                except ValueError as e:
+                    raise ValueError(f"cannot export '{node.GetName()}': {e}") from None
+                thin = [a for a, s in enumerate(info["shape"]) if s == 1]
+                autoAxes.add(thin[0] if len(thin) == 1 else None)
+                tasks.append(VolumeTask(
+                    index=i, volumeNodeID=node.GetID(), volumeName=node.GetName(), inputPath=inputPath,
+                    outputPath=os.path.join(tempDir, f"output_{i}.seg.nrrd"), segments=list(cardSegments),
+                    targetSegmentationNodeID=outputSegmentationNode.GetID() if outputSegmentationNode else None))
+            if axis is None and len(autoAxes) == 1 and None not in autoAxes:
+                axis = autoAxes.pop()  # single-slice images: slice across the thin axis
+            python = self.pythonExecutable or findPythonExecutable()
+            args = [python, "-m", "GMSSegmentLib", "segment"]
+            if single:
+                args += [tasks[0].inputPath, "-o", tasks[0].outputPath]
+            else:
+                jobsPath = os.path.join(tempDir, "jobs.json")
+                with open(jobsPath, "w", encoding="utf-8") as f:
+                    json.dump([{"input": t.inputPath, "output": t.outputPath} for t in tasks], f, indent=1)
+                args += ["--jobs", jobsPath]
+            args += ["--model", modelDir, "--device", device, "--progress", "json"]
+            if axis is not None:
+                args += ["--axis", str(int(axis))]
+            if weightsDir:
+                args += ["--weights-dir", os.path.abspath(os.path.expanduser(str(weightsDir)))]
+            args += list(self.extraWorkerArgs)
+            env = workerEnvironment(weightsDir)
+            job = SegmentationJob(self, scene, tasks, args, env, tempDir, batch=not single)
+            job.modelDir, job.card = modelDir, card
+        except BaseException:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        self.job = job
+        self._jobs.append(job)
+        return job
+
+    def segment(self, volumeNodes, model: str, timeout: float | None = None, **kwargs) -> SegmentationJob:
+        """Blocking convenience for scripts: :meth:`start` then :meth:`SegmentationJob.wait`."""
+        job = self.start(volumeNodes, model, **kwargs)
+        job.wait(timeout)
+        return job
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+
+    def shutdown(self) -> None:
+        """End every running worker (module cleanup / application exit)."""
+        for job in list(self._jobs):
+            if job.running:
+                job.cancel()
+                with contextlib.suppress(Exception):
+                    job._worker.signalTree(kill=True)
+                    job._worker.proc.wait(timeout=2)
+                job.poll()
+
+    def _jobFinished(self, job: SegmentationJob) -> None:
+        with contextlib.suppress(ValueError):
+            self._jobs.remove(job)
+
+    # -- importing ------------------------------------------------------------------------------------------------
+    def _importTask(self, scene, task: VolumeTask) -> None:
+        """Import one result into the scene (new node, or new uniquely named segments); all or nothing."""
+        volumeNode = scene.GetNodeByID(task.volumeNodeID)
+        if volumeNode is None:
+            raise ValueError("the input volume was removed from the scene")
+        loaded = _readResultSegments(task.outputPath, task.segments)
+        for s in loaded:
+            _snapToVolumeGeometry(s.image, volumeNode)
+
+        target = scene.GetNodeByID(task.targetSegmentationNodeID) if task.targetSegmentationNodeID else None
+        created = target is None
+        addedIDs: list[str] = []
+        try:
+            if created:
+                target = scene.AddNewNodeByClass(
+                    "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{volumeNode.GetName()} GMS segmentation"))
+                target.CreateDefaultDisplayNodes()
+                target.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+                if volumeNode.GetTransformNodeID():
+                    target.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+            else:
+                seg = target.GetSegmentation()
+                if not seg.GetConversionParameter("Reference image geometry"):
+                    target.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+            segmentation = target.GetSegmentation()
+            wasModifying = target.StartModify()
+            try:
+                for s in loaded:
+                    segment = slicer.vtkSegment()
+                    name = uniqueSegmentName(segmentation, s.name)
+                    segment.SetName(name)
+                    if hasattr(segment, "SetNameAutoGenerated"):
+                        segment.SetNameAutoGenerated(False)
+                    if s.color is not None:
+                        segment.SetColor(*s.color)
+                        if hasattr(segment, "SetColorAutoGenerated"):
+                            segment.SetColorAutoGenerated(False)
+                    if s.terminology:
+                        if hasattr(segment, "SetTerminology"):
+                            segment.SetTerminology(str(s.terminology))
+                        else:
+                            segment.SetTag("TerminologyEntry", str(s.terminology))
+                    segment.AddRepresentation(_BINARY_LABELMAP, s.image)
+                    segmentID = segmentation.GenerateUniqueSegmentID(re.sub(r"\W+", "_", s.name).strip("_") or "GMS")
+                    if not segmentation.AddSegment(segment, segmentID):
+                        raise RuntimeError(f"cannot add segment '{name}'")
+                    addedIDs.append(segmentID)
+            finally:
+                target.EndModify(wasModifying)
+        except BaseException:
+            if created and target is not None:
+                _removeNode(scene, target)
+            elif target is not None:
+                for sid in addedIDs:
+                    with contextlib.suppress(Exception):
+                        target.GetSegmentation().RemoveSegment(sid)
+            raise
+        task.segmentationNodeID = target.GetID()
+        task.segmentIDs = addedIDs
+        task.createdSegmentationNode = created
+
+
+def _removeNode(scene, node) -> None:
+    """Remove a node and the display/storage nodes it made."""
+    with contextlib.suppress(Exception):
+        displayIDs = [node.GetNthDisplayNodeID(i) for i in range(node.GetNumberOfDisplayNodes())]
+        for did in displayIDs:
+            d = scene.GetNodeByID(did)
+            if d is not None:
+                scene.RemoveNode(d)
+    scene.RemoveNode(node)

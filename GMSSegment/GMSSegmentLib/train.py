@@ -1,0 +1,381 @@
+"""``gms train``: fit a latent mapping model on a 2D or 3D data set with a frozen foundation autoencoder.
+
+Cost design for 2 CPU cores (the paper's recipe spends most of its time in the frozen autoencoder):
+* image and mask latents are encoded once, for ``augment_copies`` augmented copies of every training sample (copy 0 is
+  the plain image), and cached on disk; training then runs on latents only;
+* the latent MSE loss (deep supervision on heads 2-4, as the reference) is computed for the whole batch, the decoded
+  Dice term, which back-propagates through the frozen decoder, only for ``dice_samples`` samples of each batch on the
+  final head;
+* model selection on a validation part carved from the training list (never the test list), by decoded Dice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import GMSError, __version__
+from .augment import augment_pair
+from .data import detect_layout, load_2d, load_3d, read_split
+from .lmm import LatentMappingModel, LMMConfig
+from .model import GMSModel, make_segments
+from .pipeline import classify, to_model_input
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    output: str
+    name: str | None = None
+    segments: list[str] = field(default_factory=lambda: ["lesion"])
+    label_values: list[int] | None = None  # values in the mask files, one per segment (2D default 255, 3D 1..n)
+    input_size: int = 224
+    axis: int = 0
+    normalization: dict | None = None
+    foundation: dict = field(default_factory=lambda: {"name": "taef2"})
+    weights_dir: str | None = None
+    train_list: str = "train"
+    val_list: str | None = None  # a list in split.json used for selection; default: carve val_fraction from train
+    val_fraction: float = 0.1
+    max_train: int | None = None
+    max_val: int | None = None
+    augment_copies: int = 4
+    epochs: int = 100
+    max_minutes: float | None = None
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_epochs: int = 5
+    dice_samples: int = 2
+    latent_noise: float = 0.0
+    seed: int = 0
+    val_every: int = 1
+    cache_dir: str | None = None
+    work_dir: str | None = None
+    resume: bool = True
+    licence: str | None = None
+    citation: str | None = None
+    description: str | None = None
+
+
+def _log(msg: str, log_file: Path | None = None):
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if log_file is not None:
+        with open(log_file, "a") as f:
+            f.write(line + "\n")
+
+
+def code_image(labels: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Label indices (H, W) -> RGB float image with each segment's code colour on black."""
+    allc = np.concatenate([np.zeros((1, 3), np.float32), codes.astype(np.float32)])
+    return allc[labels]
+
+
+def _resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """Label indices -> size x size by per-class bilinear weights and argmax (smooth, no aliasing)."""
+    n = int(labels.max()) + 1
+    onehot = torch.from_numpy(np.stack([labels == i for i in range(max(n, 2))]).astype(np.float32))[None]
+    r = F.interpolate(onehot, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return r[0].argmax(0).numpy().astype(np.uint8)
+
+
+class LatentCache:
+    """Encoded latents of the (augmented) samples: image latents, mask latents and labels at the model size."""
+
+    def __init__(self, img: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, names: list[str], copies: int):
+        self.img, self.mask, self.labels, self.names, self.copies = img, mask, labels, names, copies
+
+    @classmethod
+    def build(cls, samples_fn, names: list[str], copies: int, foundation, size: int, codes: np.ndarray, seed: int,
+              path: Path | None, log=print, batch: int = 16) -> "LatentCache":
+        if path is not None and path.is_file():
+            t = load_file(str(path))
+            log(f"latent cache: loaded {path.name} ({t['img'].shape[0]} entries)")
+            return cls(t["img"], t["mask"], t["labels"], names, copies)
+        rng = np.random.default_rng(seed)
+        imgs, masks, labs = [], [], []
+        pend_i, pend_m = [], []
+        t0 = last_log = time.time()
+
+        def flush():
+            if not pend_i:
+                return
+            with torch.inference_mode():
+                x = torch.cat(pend_i).contiguous(memory_format=torch.channels_last)
+                y = to_model_input(np.stack(pend_m), size, "cpu")
+                imgs.append(foundation.encode(x).to(torch.float16))
+                masks.append(foundation.encode(y).to(torch.float16))
+            pend_i.clear()
+            pend_m.clear()
+
+        total = len(names) * copies
+        done = 0
+        for name in names:
+            for sample in samples_fn(name):
+                for c in range(copies):
+                    im, lab = (sample.image, sample.labels) if c == 0 else augment_pair(sample.image, sample.labels, rng)
+                    lab_s = _resize_labels(lab, size)
+                    pend_i.append(to_model_input(im[None], size, "cpu"))
+                    pend_m.append(code_image(lab_s, codes))
+                    labs.append(torch.from_numpy(lab_s))
+                    if len(pend_i) >= batch:
+                        flush()
+            done += copies
+            if time.time() - last_log > 30:
+                last_log = time.time()
+                log(f"latent cache: encoded {done}/{total} ({time.time() - t0:.0f} s)")
+        flush()
+        c = cls(torch.cat(imgs).contiguous(), torch.cat(masks).contiguous(), torch.stack(labs), names, copies)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"img": c.img, "mask": c.mask, "labels": c.labels}, str(tmp))
+            os.replace(tmp, path)
+        log(f"latent cache: {c.img.shape[0]} entries in {time.time() - t0:.0f} s")
+        return c
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """prob, target: (B, K, H, W) -> mean soft Dice loss over samples and classes."""
+    inter = (prob * target).sum(dim=(2, 3))
+    den = prob.sum(dim=(2, 3)) + target.sum(dim=(2, 3))
+    return (1 - (2 * inter + eps) / (den + eps)).mean()
+
+
+def soft_probs(decoded: torch.Tensor, codes: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """Decoded images (B, 3, S, S) -> foreground probabilities (B, K, S, S): binary = channel mean (the GMS rule),
+    several segments = softmax over negative squared distances to the code colours (background black)."""
+    if codes.shape[0] == 1:
+        return decoded.mean(dim=1, keepdim=True)
+    allc = torch.cat([torch.zeros(1, 3), codes]).to(decoded)
+    d = ((decoded.unsqueeze(1) - allc.view(1, -1, 3, 1, 1)) ** 2).sum(dim=2)
+    return torch.softmax(-d / temperature, dim=1)[:, 1:]
+
+
+def per_image_dice(pred: torch.Tensor, gt: torch.Tensor, n_seg: int) -> np.ndarray:
+    """pred, gt: (B, H, W) label indices -> (B,) Dice averaged over segments (both empty counts 1)."""
+    out = []
+    for b in range(pred.shape[0]):
+        ds = []
+        for k in range(1, n_seg + 1):
+            p, g = pred[b] == k, gt[b] == k
+            s = int(p.sum()) + int(g.sum())
+            ds.append(1.0 if s == 0 else 2.0 * int((p & g).sum()) / s)
+        out.append(np.mean(ds))
+    return np.array(out)
+
+
+def _split_names(cfg: TrainConfig, root: Path, layout: str):
+    split = read_split(root)
+    if cfg.train_list not in split:
+        raise GMSError(f"split.json of {root} has no list '{cfg.train_list}' (has {sorted(split)})")
+    train = sorted(split[cfg.train_list])
+    if cfg.val_list:
+        if cfg.val_list not in split:
+            raise GMSError(f"split.json of {root} has no list '{cfg.val_list}'")
+        val = sorted(split[cfg.val_list])
+    else:  # carve a validation part from the training list, deterministically
+        rng = np.random.default_rng(cfg.seed + 12345)
+        perm = rng.permutation(len(train))
+        n_val = max(1, int(round(len(train) * cfg.val_fraction)))
+        val = sorted(train[i] for i in perm[:n_val])
+        train = sorted(train[i] for i in perm[n_val:])
+    if cfg.max_train:
+        train = train[: cfg.max_train]
+    if cfg.max_val:
+        val = val[: cfg.max_val]
+    overlap = set(train) & set(val)
+    if overlap:
+        raise GMSError(f"train and validation lists overlap: {sorted(overlap)[:5]}")
+    return train, val
+
+
+def train(cfg: TrainConfig) -> Path:
+    from .autoencoders import foundation_fingerprint, load_foundation
+
+    root = Path(cfg.data)
+    layout = detect_layout(root)
+    out = Path(cfg.output)
+    work = Path(cfg.work_dir) if cfg.work_dir else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    log_file = work / "train.log"
+    log = lambda m: _log(m, log_file)  # noqa: E731
+    torch.manual_seed(cfg.seed)
+
+    n_seg = len(cfg.segments)
+    if layout == "2d":
+        label_values = cfg.label_values or ([255] if n_seg == 1 else list(range(1, n_seg + 1)))
+        norm = cfg.normalization or {"mode": "photo"}
+        samples_fn = lambda n: [load_2d(root, n, label_values)]  # noqa: E731
+    else:
+        label_values = cfg.label_values or list(range(1, n_seg + 1))
+        norm = cfg.normalization or {"mode": "percentile", "low": 0.5, "high": 99.5}
+        samples_fn = lambda n: load_3d(root, n, norm, cfg.axis, label_values)  # noqa: E731
+    if len(label_values) != n_seg:
+        raise GMSError(f"{n_seg} segment names but {len(label_values)} label values")
+    segments = make_segments(cfg.segments, labels=list(range(1, n_seg + 1)) if layout == "3d" else None)
+    if layout == "3d":  # keep the data set's label values in the output
+        for s, v in zip(segments, label_values):
+            s["label"] = int(v)
+    codes = np.array([s["code"] for s in segments], np.float32)
+    train_names, val_names = _split_names(cfg, root, layout)
+    log(f"data {root} ({layout}): {len(train_names)} train, {len(val_names)} validation cases; segments {cfg.segments}")
+
+    foundation = load_foundation(cfg.foundation, weights_dir=cfg.weights_dir)
+    foundation = foundation.to(memory_format=torch.channels_last)
+    key_src = json.dumps([str(root.resolve()), train_names, val_names, cfg.augment_copies, cfg.seed, cfg.input_size,
+                          cfg.foundation, norm, label_values, cfg.axis, layout], sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else work / "cache"
+    tr = LatentCache.build(samples_fn, train_names, cfg.augment_copies, foundation, cfg.input_size, codes, cfg.seed,
+                           cache_dir / f"train-{key}.safetensors", log)
+    va = LatentCache.build(samples_fn, val_names, 1, foundation, cfg.input_size, codes, cfg.seed,
+                           cache_dir / f"val-{key}.safetensors", log)
+
+    # latent statistics for standardisation (per channel, over the training cache)
+    def stats(t):
+        t = t.float()
+        return t.mean(dim=(0, 2, 3)), t.std(dim=(0, 2, 3)).clamp_min(1e-3)
+
+    im_mean, im_std = stats(tr.img)
+    mk_mean, mk_std = stats(tr.mask)
+    lmm = LatentMappingModel(LMMConfig(latent_channels=foundation.latent_channels))
+    card = {
+        "name": cfg.name or out.name,
+        "version": "1.0",
+        "description": cfg.description or f"GMS model for {', '.join(cfg.segments)}",
+        "engine_version": __version__,
+        "foundation": {**({"name": cfg.foundation} if isinstance(cfg.foundation, str) else cfg.foundation),
+                       "files": foundation_fingerprint(cfg.foundation, cfg.weights_dir)},
+        "input_size": cfg.input_size,
+        "normalization": norm,
+        "axis": cfg.axis,
+        "dimension": 2 if layout == "2d" else 3,
+        "segments": segments,
+        "training": {"data": str(root.name), "layout": layout, "train_cases": len(train_names),
+                     "validation_cases": len(val_names), "label_values": label_values,
+                     "config": {k: v for k, v in asdict(cfg).items() if k not in ("data", "output", "weights_dir",
+                                                                                    "cache_dir", "work_dir")}},
+        "licence": cfg.licence,
+        "citation": cfg.citation,
+        "metrics": {},
+    }
+    model = GMSModel(card, lmm, {"image_mean": im_mean, "image_std": im_std, "mask_mean": mk_mean,
+                                 "mask_std": mk_std})
+    model.attach_foundation(foundation)
+
+    opt = torch.optim.AdamW(lmm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_train = len(tr.img) // cfg.augment_copies
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.epochs
+    warm = steps_per_epoch * cfg.warmup_epochs
+
+    def lr_at(step):
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+
+    ckpt = work / "last.pt"
+    start_epoch, best, history = 0, -1.0, []
+    if cfg.resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        lmm.load_state_dict(state["lmm"])
+        opt.load_state_dict(state["opt"])
+        start_epoch, best = int(state["epoch"]), float(state["best"])
+        history = json.loads(state["history"]) if "history" in state else []
+        log(f"resumed from {ckpt} at epoch {start_epoch} (best validation Dice {best:.4f})")
+    t_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
+
+    codes_t = torch.from_numpy(codes)
+    tr_img, tr_mask = tr.img.float(), tr.mask.float()
+    tr_lab = tr.labels.long()
+    va_img = va.img.float()
+    step = start_epoch * steps_per_epoch
+    epoch = start_epoch
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs):
+        lmm.train()
+        rng = np.random.default_rng(cfg.seed * 1000 + epoch)
+        order = rng.permutation(n_train)
+        copy = rng.integers(0, cfg.augment_copies, size=n_train)
+        idx_all = torch.from_numpy(order * cfg.augment_copies + copy[order])
+        t_ep, losses = time.time(), []
+        for b0 in range(0, n_train, cfg.batch_size):
+            idx = idx_all[b0:b0 + cfg.batch_size]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            zi = model.norm_image(tr_img[idx])
+            zm = model.norm_mask(tr_mask[idx])
+            if cfg.latent_noise > 0:
+                keep = (torch.rand(len(idx), 1, 1, 1) < 0.5).float()
+                zi = zi + keep * cfg.latent_noise * torch.randn_like(zi)
+            outs = lmm(zi)
+            loss = sum(F.mse_loss(o, zm) for o in outs[1:])
+            if cfg.dice_samples > 0:
+                d = min(cfg.dice_samples, len(idx))
+                dec = foundation.decode(model.denorm_mask(outs[-1][:d]).contiguous(memory_format=torch.channels_last))
+                prob = soft_probs(dec, codes_t)
+                lab = tr_lab[idx[:d]]
+                target = torch.stack([(lab == k) for k in range(1, n_seg + 1)], dim=1).float()
+                loss = loss + dice_loss(prob, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+            step += 1
+        elapsed = time.time() - t_start
+        rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_s": time.time() - t_ep, "elapsed_s": elapsed}
+        last_epoch = epoch + 1 == cfg.epochs
+        over_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
+        if (epoch + 1) % cfg.val_every == 0 or last_epoch or over_time:
+            vd = validate(model, va_img, va.labels, codes_t, n_seg)
+            rec["val_dice"] = vd
+            if vd > best:
+                best = vd
+                model.card["metrics"] = {"validation": {"dice": round(vd, 4), "cases": len(val_names),
+                                                        "epoch": epoch + 1, "note": "decoded at input size, per slice"}}
+                model.card["training"]["epochs_run"] = epoch + 1
+                model.card["training"]["train_seconds"] = round(elapsed, 1)
+                model.save(out, overwrite=True)
+                rec["saved"] = True
+        history.append(rec)
+        log(json.dumps(rec))
+        torch.save({"lmm": lmm.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "best": best,
+                    "history": json.dumps(history)}, work / "last.tmp")
+        os.replace(work / "last.tmp", ckpt)
+        if over_time:
+            log(f"time budget of {cfg.max_minutes} min reached after epoch {epoch + 1}")
+            stopped_early = True
+            break
+    # record the whole training time in the card of the selected model
+    final = GMSModel.load(out)
+    final.card["training"]["total_seconds"] = round(time.time() - t_start, 1)
+    final.card["training"]["stopped_early"] = stopped_early
+    final.card["training"]["history"] = history
+    final.save(out, overwrite=True)
+    log(f"done: best validation Dice {best:.4f}; model folder {out}")
+    return out
+
+
+@torch.inference_mode()
+def validate(model: GMSModel, img_lat: torch.Tensor, labels: torch.Tensor, codes: torch.Tensor, n_seg: int,
+             batch: int = 16) -> float:
+    model.lmm.eval()
+    scores = []
+    for i in range(0, len(img_lat), batch):
+        z = model.denorm_mask(model.lmm(model.norm_image(img_lat[i:i + batch]), final_only=True))
+        dec = model.foundation.decode(z.contiguous(memory_format=torch.channels_last))
+        pred = classify(dec, codes, tuple(labels.shape[-2:]))
+        scores.append(per_image_dice(pred, labels[i:i + batch], n_seg))
+    model.lmm.train()
+    return float(np.concatenate(scores).mean())

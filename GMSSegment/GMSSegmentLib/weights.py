@@ -1,0 +1,329 @@
+"""Resolving foundation-model weight files: a local folder, the user cache, or a pinned download checked by SHA-256.
+
+Where :func:`resolve_weights` looks, in this order:
+
+1. the ``weights_dir`` argument (CLI ``--weights-dir``),
+2. the environment variable ``GMS_WEIGHTS_DIR``,
+3. the user cache ``<cache root>/<name>/``; the cache root is ``GMS_CACHE_DIR`` if set, else
+   ``$XDG_CACHE_HOME/gmssegment``, else ``~/.cache/gmssegment``,
+4. a download of the missing files into that cache from their pinned URLs.
+
+An explicit folder (1 or 2) may hold the files directly (``<folder>/<file>``) or in a sub-folder named after the model
+(``<folder>/<name>/<file>``), so both ``.../models/taef2`` and ``.../models`` work. A file missing there is an error
+naming it; nothing is downloaded behind the user's back. Files in an explicit folder are only hashed when asked
+(``verify=True``); files in the cache are always checked (size, then SHA-256, memoised per process by path, size and
+modification time) and a damaged one is downloaded again.
+
+Downloads stream into a hidden temporary file next to the destination, are hashed on the fly and are renamed into
+place only after the SHA-256 matched; on any failure (HTTP error, server unreachable, hash mismatch, interruption) the
+temporary file is removed and a :class:`GMSError` with a one-line message is raised.
+
+Overriding where files come from (tests, mirrors, air-gapped sites):
+
+* ``urls={"taef2_encoder.pth": "http://..."}`` argument of :func:`resolve_weights` (per file), or
+* environment variable ``GMS_DOWNLOAD_BASE_URL``: every pinned file is fetched from ``<base>/<file name>``.
+
+The hashes stay pinned whatever the URL. ``GMS_OFFLINE=1`` (or ``allow_download=False``) turns a needed download into
+an error instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+from . import GMSError, __version__
+
+log = logging.getLogger(__name__)
+
+#: progress(done_bytes, total_bytes); total_bytes is None when neither the server nor the registry tells the size.
+#: Exceptions raised by the callback (e.g. a cancel request) abort the download and propagate, cleaning up first.
+ProgressCallback = Callable[[int, "int | None"], None]
+
+ENV_WEIGHTS_DIR = "GMS_WEIGHTS_DIR"
+ENV_CACHE_DIR = "GMS_CACHE_DIR"
+ENV_BASE_URL = "GMS_DOWNLOAD_BASE_URL"
+ENV_OFFLINE = "GMS_OFFLINE"
+
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class PinnedFile:
+    name: str
+    sha256: str
+    url: str
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class FoundationWeights:
+    name: str
+    files: tuple[PinnedFile, ...]
+    licence: str
+    source: str
+
+    @property
+    def file_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.files)
+
+
+_TAESD_COMMIT = "5cccb12"
+_TAESD_RAW = f"https://github.com/madebyollin/taesd/raw/{_TAESD_COMMIT}/"
+
+REGISTRY: dict[str, FoundationWeights] = {
+    "taef2": FoundationWeights(
+        name="taef2",
+        files=(
+            PinnedFile("taef2_encoder.pth", "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
+                       _TAESD_RAW + "taef2_encoder.pth", 2704692),
+            PinnedFile("taef2_decoder.pth", "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5",
+                       _TAESD_RAW + "taef2_decoder.pth", 2704756),
+        ),
+        licence="MIT (Copyright (c) 2023 Ollin Boer Bohan)",
+        source=f"github.com/madebyollin/taesd at commit {_TAESD_COMMIT}",
+    ),
+}
+
+
+def known_weights() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def weights_info(name: str) -> FoundationWeights:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise GMSError(f"no pinned weights for foundation model '{name}'; known: {', '.join(known_weights())}") from None
+
+
+# -- hashing ------------------------------------------------------------------------------------------------------------
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_verified: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_cached(path: Path) -> str:
+    """sha256_file memoised for this process by (path, size, mtime): the cache is checked on every resolve cheaply."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    digest = _verified.get(key)
+    if digest is None:
+        digest = sha256_file(path)
+        _verified[key] = digest
+    return digest
+
+
+def _file_ok(path: Path, pinned: PinnedFile) -> bool:
+    if not path.is_file():
+        return False
+    if pinned.size is not None and path.stat().st_size != pinned.size:
+        return False
+    return _sha256_cached(path) == pinned.sha256
+
+
+# -- locations ----------------------------------------------------------------------------------------------------------
+def cache_root() -> Path:
+    env = os.environ.get(ENV_CACHE_DIR)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "gmssegment"
+
+
+def cache_dir(name: str) -> Path:
+    """The cache folder of one foundation model (not created here)."""
+    return cache_root() / name
+
+
+def _file_url(pinned: PinnedFile, urls: Mapping[str, str] | None) -> str:
+    if urls and pinned.name in urls:
+        return urls[pinned.name]
+    base = os.environ.get(ENV_BASE_URL)
+    if base:
+        return base.rstrip("/") + "/" + pinned.name
+    return pinned.url
+
+
+def _explicit_folder(spec: FoundationWeights, folder: Path, origin: str, verify: bool) -> Path:
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise GMSError(f"{origin} {folder} is not a folder (expected the {spec.name} files "
+                       f"{', '.join(spec.file_names)})")
+    candidates = [folder, folder / spec.name]
+    for cand in candidates:
+        if all((cand / f).is_file() for f in spec.file_names):
+            break
+    else:
+        # report against whichever candidate holds more of the files (the plain folder on a tie)
+        cand = max(candidates, key=lambda c: sum((c / f).is_file() for f in spec.file_names))
+        missing = [f for f in spec.file_names if not (cand / f).is_file()]
+        raise GMSError(f"{spec.name} weights: {', '.join(missing)} not found in {cand} ({origin}; also looked in "
+                       f"{folder / spec.name}); get {'it' if len(missing) == 1 else 'them'} from "
+                       f"{next(p.url for p in spec.files if p.name == missing[0])}, or leave {origin} unset to "
+                       f"download into the cache")
+    if verify:
+        for pinned in spec.files:
+            actual = _sha256_cached(cand / pinned.name)
+            if actual != pinned.sha256:
+                raise GMSError(f"{spec.name} weights: SHA-256 of {cand / pinned.name} is {actual}, expected "
+                               f"{pinned.sha256} (wrong or damaged file)")
+    return cand
+
+
+def _offline() -> bool:
+    return os.environ.get(ENV_OFFLINE, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def resolve_weights(name: str, weights_dir: str | Path | None = None, progress: ProgressCallback | None = None, *,
+                    verify: bool = False, urls: Mapping[str, str] | None = None,
+                    allow_download: bool = True) -> Path:
+    """Return a folder holding all pinned files of foundation model ``name`` (see the module docstring for the order).
+
+    ``verify`` hashes the files of an explicit folder too (cache files are always verified). ``urls`` maps file names
+    to download URLs (overrides ``GMS_DOWNLOAD_BASE_URL`` and the pinned URL). ``progress(done, total)`` replaces the
+    tqdm bar on stderr during downloads.
+    """
+    spec = weights_info(name)
+    if weights_dir is not None and str(weights_dir) != "":
+        return _explicit_folder(spec, Path(weights_dir), "--weights-dir", verify)
+    env = os.environ.get(ENV_WEIGHTS_DIR)
+    if env:
+        return _explicit_folder(spec, Path(env), ENV_WEIGHTS_DIR, verify)
+
+    folder = cache_dir(name)
+    todo = []
+    for pinned in spec.files:
+        path = folder / pinned.name
+        if path.exists() and not _file_ok(path, pinned):
+            log.warning("cached %s is damaged (size or SHA-256 mismatch); downloading it again", path)
+            path.unlink()
+        if not path.is_file():
+            todo.append(pinned)
+    if todo and (not allow_download or _offline()):
+        raise GMSError(f"{name} weights not in the cache {folder} ({', '.join(p.name for p in todo)} missing) and "
+                       f"downloads are disabled; use --weights-dir or {ENV_WEIGHTS_DIR} to point at a folder holding "
+                       f"them")
+    created = todo and not folder.exists()
+    try:
+        for pinned in todo:
+            download_file(_file_url(pinned, urls), folder / pinned.name, pinned.sha256, progress, size=pinned.size)
+    except BaseException:
+        if created:  # leave no empty cache folder behind
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+    return folder
+
+
+# -- downloading --------------------------------------------------------------------------------------------------------
+def _content_length(response) -> int | None:
+    value = response.headers.get("Content-Length")
+    try:
+        n = int(value) if value is not None else None
+    except ValueError:
+        return None
+    return n if n is not None and n >= 0 else None
+
+
+def download_file(url: str, dest: str | Path, sha256: str, progress: ProgressCallback | None = None, *,
+                  size: int | None = None, timeout: float = _TIMEOUT_S) -> Path:
+    """Download ``url`` to ``dest`` (parent folders created), verifying the hex ``sha256``; returns ``dest``.
+
+    The bytes go to a hidden temporary file in ``dest``'s folder that is renamed onto ``dest`` only after the hash
+    matched, so ``dest`` is either absent, untouched or complete. Progress goes to ``progress(done, total)`` if given,
+    else to a tqdm bar on stderr. Failures raise :class:`GMSError` (one-line message) and leave nothing behind.
+    """
+    if not sha256 or len(sha256) != 64:
+        raise ValueError(f"download_file needs the expected hex SHA-256 of {url}")
+    expected = sha256.lower()
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GMSError(f"cannot create the download folder {dest.parent}: {e.strerror or e}") from None
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    bar = None
+    moved = False
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": f"GMSSegment/{__version__}"})
+        try:
+            response = urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            raise GMSError(f"download failed: {url} answered HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            raise GMSError(f"download failed: cannot reach {url} ({e.reason})") from None
+        except (socket.timeout, TimeoutError):
+            raise GMSError(f"download failed: {url} did not answer within {timeout:g} s") from None
+        except (OSError, ValueError) as e:
+            raise GMSError(f"download failed: {url}: {e}") from None
+        h = hashlib.sha256()
+        done = 0
+        with response, os.fdopen(fd, "wb") as out:
+            fd = -1
+            total = _content_length(response) or size
+            if progress is None:
+                from tqdm import tqdm
+                bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                           file=sys.stderr, leave=False)
+            else:
+                progress(0, total)
+            while True:
+                try:
+                    chunk = response.read(_CHUNK)
+                except (OSError, ValueError) as e:  # reset connection, timeout, truncated chunked transfer
+                    raise GMSError(f"download failed: {url} broke off after {done} bytes ({e})") from None
+                if not chunk:
+                    break
+                out.write(chunk)
+                h.update(chunk)
+                done += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+                else:
+                    progress(done, total)
+            out.flush()
+            os.fsync(out.fileno())
+        actual = h.hexdigest()
+        if actual != expected:
+            raise GMSError(f"download failed: SHA-256 mismatch for {url} ({done} bytes): expected {expected}, "
+                           f"got {actual}; the file was discarded")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, dest)
+        moved = True
+        _verified[(str(dest.resolve()), dest.stat().st_size, dest.stat().st_mtime_ns)] = actual
+        return dest
+    except OSError as e:  # local write errors (disk full, permissions)
+        raise GMSError(f"download failed: cannot write {dest}: {e.strerror or e}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+        if fd >= 0:
+            os.close(fd)
+        if not moved:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass

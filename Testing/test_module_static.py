@@ -1,0 +1,397 @@
+"""Static checks of the Slicer module files (no Slicer application, no Qt here): the module script compiles, every
+widget it uses exists in the .ui file, parameter names match the parameter node, every Python file is built by
+GMSSegment/CMakeLists.txt, the extension metadata is complete, the GUI never blocks, and only GMSSegment.py touches Qt.
+The module script is also imported with stand-ins for the parts of Slicer that need the application."""
+from __future__ import annotations
+
+import ast
+import fnmatch
+import importlib.util
+import py_compile
+import re
+import subprocess
+import sys
+import types
+import unittest
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODULE_DIR = REPO / "GMSSegment"
+MODULE_PY = MODULE_DIR / "GMSSegment.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "GMSSegment.ui"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+
+QT_MODULES = {"qt", "ctk", "PythonQt", "slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper"}
+KNOWN_WIDGETS = {
+    "qMRMLWidget", "qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox", "qMRMLSubjectHierarchyTreeView",
+    "ctkCollapsibleButton", "ctkPathLineEdit", "ctkDirectoryButton", "ctkComboBox", "ctkCheckBox",
+    "ctkSliderWidget", "QLabel", "QPushButton", "QComboBox", "QCheckBox", "QProgressBar", "QPlainTextEdit",
+    "QTableWidget", "QLineEdit", "QSpinBox", "QWidget", "QGroupBox", "QTextEdit",
+}
+
+
+def module_source() -> str:
+    return MODULE_PY.read_text(encoding="utf-8")
+
+
+def ui_tree() -> ET.ElementTree:
+    return ET.parse(UI_FILE)
+
+
+def ui_widgets() -> dict[str, str]:
+    return {w.get("name"): w.get("class") for w in ui_tree().iter("widget")}
+
+
+def parameter_fields() -> dict[str, str]:
+    """Annotated fields of the @parameterNodeWrapper class in GMSSegment.py."""
+    tree = ast.parse(module_source())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+                (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list):
+            return {stmt.target.id: ast.unparse(stmt.annotation) for stmt in node.body
+                    if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)}
+    raise AssertionError("no @parameterNodeWrapper class in GMSSegment.py")
+
+
+# ------------------------------------------------------------------------------------------------------- module file
+
+
+def test_every_python_file_compiles(tmp_path):
+    files = sorted(MODULE_DIR.rglob("*.py"))
+    assert MODULE_PY in files
+    for i, path in enumerate(files):
+        py_compile.compile(str(path), cfile=str(tmp_path / f"{i}.pyc"), doraise=True)
+
+
+def test_ui_file_is_valid_and_declares_custom_widgets():
+    tree = ui_tree()
+    root = tree.getroot()
+    assert root.tag == "ui"
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == "GMSSegment"
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    widgets = ui_widgets()
+    assert len(widgets) == len(list(root.iter("widget"))), "widget names must be unique"
+    for name, cls in widgets.items():
+        assert cls in KNOWN_WIDGETS, f"{name}: unexpected widget class {cls}"
+        if not cls.startswith("Q"):
+            assert cls in declared, f"{cls} used by {name} is not declared in <customwidgets>"
+    # MRML widgets get the scene through the top widget's mrmlSceneChanged signal
+    mrml = {n for n, c in widgets.items() if c.startswith("qMRML") and c != "qMRMLWidget"}
+    connected = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    assert mrml <= connected, f"MRML widgets without a scene: {sorted(mrml - connected)}"
+
+
+def test_every_ui_widget_used_by_the_module_exists():
+    used = set(re.findall(r"self\.ui\.(\w+)", module_source()))
+    assert used, "GMSSegment.py uses no widgets?"
+    missing = used - set(ui_widgets())
+    assert not missing, f"widgets used in GMSSegment.py but missing from {UI_FILE.name}: {sorted(missing)}"
+    for name in ("segmentButton", "segmentAllButton", "cancelButton", "progressBar", "logTextEdit",
+                 "inputVolumeSelector", "modelPathLineEdit", "weightsPathLineEdit", "deviceComboBox",
+                 "axisComboBox", "outputSegmentationSelector", "batchVolumesComboBox"):
+        assert name in ui_widgets(), name
+
+
+def test_parameter_names_match_the_parameter_node():
+    bound = {}
+    for widget in ui_tree().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                assert prop.get("stdset") == "0", "SlicerParameterName must be a dynamic property"
+                bound[prop.findtext("string")] = widget.get("class")
+    fields = parameter_fields()
+    assert set(bound) == set(fields), (sorted(bound), sorted(fields))
+    # widget types the parameter node wrapper can connect to these types
+    assert bound["inputVolume"] == "qMRMLNodeComboBox" and "vtkMRMLScalarVolumeNode" in fields["inputVolume"]
+    assert bound["outputSegmentation"] == "qMRMLNodeComboBox" and "Segmentation" in fields["outputSegmentation"]
+    assert bound["modelPath"] == "ctkPathLineEdit" and "Path" in fields["modelPath"]
+    assert bound["device"] == "QComboBox" and bound["axis"] == "QComboBox"
+
+
+def test_module_structure_follows_the_scripted_module_template():
+    tree = ast.parse(module_source())
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    bases = {name: [ast.unparse(b) for b in cls.bases] for name, cls in classes.items()}
+    assert "ScriptedLoadableModule" in bases["GMSSegment"]
+    assert "ScriptedLoadableModuleWidget" in bases["GMSSegmentWidget"]
+    assert "ScriptedLoadableModuleLogic" in bases["GMSSegmentLogic"]
+    assert "ScriptedLoadableModuleTest" in bases["GMSSegmentTest"]
+    methods = {f.name for f in classes["GMSSegmentTest"].body if isinstance(f, ast.FunctionDef)}
+    assert {"setUp", "runTest"} <= methods and any(m.startswith("test_") for m in methods)
+    assert "def ensureDependencies" in module_source()
+
+
+def _calls(node) -> list[str]:
+    return [ast.unparse(n.func) for n in ast.walk(node) if isinstance(n, ast.Call)]
+
+
+def test_gui_never_blocks():
+    """The widget polls the job with a QTimer and never waits: no sleeps, waits, blocking runs or subprocesses."""
+    tree = ast.parse(module_source())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "GMSSegmentWidget")
+    calls = _calls(widget)
+    forbidden = [c for c in calls if re.search(r"(^|\.)(wait|sleep|segment|communicate|check_output|run)$", c)
+                 or c.startswith("subprocess.") or c.endswith("processEvents")]
+    assert not forbidden, forbidden
+    assert "qt.QTimer" in calls
+    assert any(c.endswith("setInterval") for c in calls)
+    m = re.search(r"^POLL_INTERVAL_MS\s*=\s*(\d+)", module_source(), re.M)
+    assert m and int(m.group(1)) <= 100
+    poll = next(f for f in widget.body if isinstance(f, ast.FunctionDef) and f.name == "onPollTimer")
+    assert "job.poll" in _calls(poll)
+
+
+def test_only_the_module_script_imports_qt():
+    offenders = []
+    for path in sorted(MODULE_DIR.rglob("*.py")):
+        if path == MODULE_PY:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n in QT_MODULES]
+    assert not offenders, offenders
+    tree = ast.parse(module_source())
+    top_imports = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    assert {"qt", "ctk", "slicer"} <= top_imports
+    assert "torch" not in top_imports  # never loaded into the application at import time
+
+
+def test_logic_imports_without_qt():
+    code = ("import sys; import GMSSegmentLib.slicer_logic as L; "
+            "bad = [m for m in ('qt', 'ctk', 'torch', 'PythonQt') if m in sys.modules]; "
+            "assert not bad, bad; print('ok')")
+    env = {"PYTHONPATH": str(MODULE_DIR), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------- CMake
+
+
+def _cmake_commands(text: str) -> list[tuple[str, list[str]]]:
+    text = re.sub(r"#[^\n]*", "", text)
+    return [(m.group(1).lower(), m.group(2).split()) for m in re.finditer(r"(\w+)\s*\(([^)]*)\)", text)]
+
+
+def _module_cmake():
+    commands = _cmake_commands(MODULE_CMAKE.read_text())
+    variables: dict[str, list[str]] = {}
+    globs: dict[str, list[str]] = {}
+    for name, args in commands:
+        if name == "set" and args:
+            variables[args[0]] = args[1:]
+        elif name == "file" and args and args[0] in ("GLOB", "GLOB_RECURSE"):
+            patterns = [a for a in args[2:] if "*" in a]
+            globs[args[1]] = [(args[0], p) for p in patterns]
+    return commands, variables, globs
+
+
+def _expand(values: list[str], variables: dict) -> list[str]:
+    out = []
+    for v in values:
+        v = v.replace("${MODULE_NAME}", variables.get("MODULE_NAME", ["?"])[0])
+        m = re.fullmatch(r"\$\{(\w+)\}", v)
+        if m and m.group(1) in variables:
+            out += _expand(variables[m.group(1)], variables)
+        else:
+            out.append(v)
+    return out
+
+
+def _glob_matches(kind: str, pattern: str, relpath: str, module_name: str) -> bool:
+    pattern = pattern.replace("${CMAKE_CURRENT_SOURCE_DIR}/", "").replace("${MODULE_NAME}", module_name)
+    folder, _, name = pattern.rpartition("/")
+    rel_folder, _, rel_name = relpath.rpartition("/")
+    if kind == "GLOB_RECURSE":
+        inside = rel_folder == folder or rel_folder.startswith(folder + "/") if folder else True
+    else:
+        inside = rel_folder == folder
+    return inside and fnmatch.fnmatch(rel_name, name)
+
+
+def test_cmake_builds_every_python_file():
+    commands, variables, globs = _module_cmake()
+    assert variables["MODULE_NAME"] == ["GMSSegment"]
+    build = [args for name, args in commands if name == "slicermacrobuildscriptedmodule"]
+    assert build, "slicerMacroBuildScriptedModule missing"
+    args = build[0]
+    assert "WITH_GENERIC_TESTS" in args
+    scripts_var = args[args.index("SCRIPTS") + 1]
+    scripts = _expand([scripts_var], variables)
+    explicit = {s for s in scripts if not s.startswith("${")}
+    glob_vars = [re.fullmatch(r"\$\{(\w+)\}", s).group(1) for s in variables["MODULE_PYTHON_SCRIPTS"]
+                 if re.fullmatch(r"\$\{(\w+)\}", s) and re.fullmatch(r"\$\{(\w+)\}", s).group(1) in globs]
+    patterns = [kp for v in glob_vars for kp in globs[v]]
+    missing = []
+    for path in sorted(MODULE_DIR.rglob("*.py")):
+        rel = path.relative_to(MODULE_DIR).as_posix()
+        if "__pycache__" in rel:
+            continue
+        if rel in explicit or any(_glob_matches(k, p, rel, "GMSSegment") for k, p in patterns):
+            continue
+        missing.append(rel)
+    assert not missing, f"Python files not built by {MODULE_CMAKE}: {missing}"
+    for must in ("GMSSegment.py", "GMSSegmentLib/slicer_logic.py", "GMSSegmentLib/cli.py",
+                 "GMSSegmentLib/__main__.py", "GMSSegmentLib/autoencoders/taef2.py"):
+        assert must in explicit or any(_glob_matches(k, p, must, "GMSSegment") for k, p in patterns), must
+    # the module self test runs as a ctest
+    assert any(name == "slicer_add_python_unittest" and "${MODULE_NAME}.py" in a for name, a in commands)
+
+
+def test_cmake_resources_exist():
+    _, variables, _ = _module_cmake()
+    resources = [r for r in _expand(variables["MODULE_PYTHON_RESOURCES"], variables) if not r.startswith("${")]
+    assert "Resources/UI/GMSSegment.ui" in resources and "Resources/Icons/GMSSegment.png" in resources
+    for r in resources:
+        assert (MODULE_DIR / r).is_file(), r
+
+
+@pytest.mark.parametrize("icon", [MODULE_DIR / "Resources" / "Icons" / "GMSSegment.png",
+                                  REPO / "Resources" / "Icons" / "GMSSegment.png"])
+def test_icons(icon):
+    PIL = pytest.importorskip("PIL.Image")
+    with PIL.open(icon) as im:
+        assert im.size == (128, 128) and im.format == "PNG"
+
+
+def test_extension_metadata():
+    text = (REPO / "CMakeLists.txt").read_text()
+    fields = dict(re.findall(r"set\((EXTENSION_\w+)\s+(.*?)\)\s*(?:#.*)?$", text, re.M))
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert fields.get(key, "").strip('" '), key
+    assert fields["EXTENSION_CATEGORY"].strip('"') == "Segmentation"
+    assert "PyTorch" in fields["EXTENSION_DEPENDS"]
+    assert "add_subdirectory(GMSSegment)" in text
+    assert "find_package(Slicer REQUIRED)" in text and "Slicer_EXTENSION_CPACK" in text
+
+    s4ext = {}
+    for line in (REPO / "GMSSegment.s4ext").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            s4ext[key] = value.strip()
+    for key in ("scm", "scmurl", "depends", "homepage", "contributors", "category", "iconurl", "screenshoturls",
+                "description", "status", "enabled"):
+        assert s4ext.get(key), key
+    assert s4ext["scm"] == "git" and s4ext["depends"] == "PyTorch" and s4ext["category"] == "Segmentation"
+    assert s4ext["enabled"] in ("0", "1")
+    assert s4ext["iconurl"].endswith("Resources/Icons/GMSSegment.png")
+
+
+# --------------------------------------------------------------------- the module script with a stand-in Slicer app
+
+
+class _Settings:
+    store: dict = {}
+
+    def value(self, key, default=None):
+        return self.store.get(key, default)
+
+    def setValue(self, key, value):
+        self.store[key] = value
+
+
+@pytest.fixture
+def module(monkeypatch, tmp_path):
+    """Import GMSSegment.py with stand-ins for qt, ctk and the application-only parts of slicer."""
+    slicer = pytest.importorskip("slicer")
+
+    qt = types.ModuleType("qt")
+    qt.QSettings = _Settings
+    qt.QTimer = object
+    ctk = types.ModuleType("ctk")
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.moduleName = type(self).__name__[: -len("Logic")]
+
+        def getParameterNode(self):
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetModuleName(self.moduleName)
+            return node
+
+    slm.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {})
+    slm.ScriptedLoadableModuleWidget = type("ScriptedLoadableModuleWidget", (), {})
+    slm.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    slm.ScriptedLoadableModuleTest = unittest.TestCase
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+
+    def parameterNodeWrapper(cls):  # the real one adds typed properties backed by the node
+        def __init__(self, node):
+            self.parameterNode = node
+
+        cls.__init__ = __init__
+        return cls
+
+    pnw.parameterNodeWrapper = parameterNodeWrapper
+    for name, mod in (("qt", qt), ("ctk", ctk), ("slicer.ScriptedLoadableModule", slm),
+                      ("slicer.parameterNodeWrapper", pnw)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.syspath_prepend(str(MODULE_DIR))
+    spec = importlib.util.spec_from_file_location("GMSSegment_under_test", MODULE_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_module_script_imports_and_logic_works(module):
+    from GMSSegmentLib import slicer_logic
+
+    logic = module.GMSSegmentLogic()
+    assert isinstance(logic, slicer_logic.SegmentationLogic)
+    assert logic.moduleName == "GMSSegment"
+    assert logic.getParameterNode().parameterNode.GetModuleName() == "GMSSegment"
+    assert not logic.running
+    assert [d.value for d in module.Device] == ["auto", "cpu", "cuda"]
+    assert all(d.label() for d in module.Device) and all(a.label() for a in module.SlicingAxis)
+    assert module.SlicingAxis.MODEL.axisIndex() is None and module.SlicingAxis.AXIS1.axisIndex() == 1
+    assert module._pathOrNone(Path()) is None and module._pathOrNone("") is None
+    assert module._pathOrNone(Path("/x/model")) == "/x/model"
+
+
+def test_ensure_dependencies(module, monkeypatch):
+    from GMSSegmentLib import slicer_logic
+
+    # nothing missing: nothing asked, nothing installed
+    monkeypatch.setattr(slicer_logic, "missingRequirements", lambda reqs: [])
+    assert module.ensureDependencies()
+
+    # torch missing: the PyTorch extension installs it with the minimum version; the user may decline
+    calls = []
+    state = {"missing": ["torch>=2.1", "safetensors>=0.4"]}
+    monkeypatch.setattr(slicer_logic, "missingRequirements", lambda reqs: list(state["missing"]))
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None):
+            calls.append(("torch", askConfirmation, torchVersionRequirement))
+            return None  # declined
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    assert module.ensureDependencies() is False
+    assert calls == [("torch", True, ">=2.1")]
+
+    # torch installed, the rest through slicer.packaging.pip_ensure
+    def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None):
+        calls.append(("torch", askConfirmation, torchVersionRequirement))
+        return object()
+
+    PyTorchUtilsLogic.installTorch = installTorch
+
+    def pip_ensure(reqs, requester=None):
+        calls.append(("pip", list(reqs), requester))
+        state["missing"] = []
+
+    monkeypatch.setitem(sys.modules, "slicer.packaging", types.SimpleNamespace(pip_ensure=pip_ensure))
+    calls.clear()
+    assert module.ensureDependencies() is True
+    assert calls == [("torch", True, ">=2.1"), ("pip", ["safetensors>=0.4"], "GMSSegment")]

@@ -1,0 +1,734 @@
+"""The Slicer-side logic (GMSSegmentLib.slicer_logic) on the headless MRML library (slicer-core), with the real worker.
+
+End to end: volume nodes made from real data (BUSI ultrasound as RGB vector and as scalar volume, a hippocampus MRI
+volume) are segmented by the engine command line running as a background worker, and the imported segmentation is
+compared with what ``python -m GMSSegmentLib segment`` writes for the same input file. Also: cancel, a worker killed
+with SIGKILL, re-runs that must not touch edited segments, and a batch with broken volumes.
+
+Needs the ``tiny_model`` and ``shared_dir`` fixtures (Testing/conftest.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+sitk = pytest.importorskip("SimpleITK")
+
+REPO = Path(__file__).resolve().parent.parent
+MODULE_DIR = REPO / "GMSSegment"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+from GMSSegmentLib import slicer_logic as L  # noqa: E402
+
+RGB_PNG = "benign_102.png"  # an RGB (3-channel) BUSI image
+JOB_TIMEOUT = 300
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+
+
+def _array(image) -> np.ndarray:
+    import vtk.util.numpy_support as vtk_np
+
+    ext = image.GetExtent()
+    shape = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+    return np.array(vtk_np.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape))
+
+
+def node_ids(scene) -> list[str]:
+    nodes = scene.GetNodes()
+    return [nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())]
+
+
+def scene_state(scene) -> dict:
+    """Node IDs plus, for every segmentation node, its segment IDs and the sum of each segment's labelmap."""
+    state = {"nodes": node_ids(scene), "segments": {}}
+    segs = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    for i in range(segs.GetNumberOfItems()):
+        node = segs.GetItemAsObject(i)
+        seg = node.GetSegmentation()
+        state["segments"][node.GetID()] = [
+            (seg.GetNthSegmentID(k), seg.GetNthSegment(k).GetName()) for k in range(seg.GetNumberOfSegments())]
+    return state
+
+
+def segment_on_volume_grid(segmentationNode, segmentID, volumeNode) -> np.ndarray:
+    """The segment's binary labelmap resampled (nearest) onto the volume's voxel grid, as a (K, J, I) 0/1 array."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    image = slicer.vtkOrientedImageData()
+    segmentationNode.GetBinaryLabelmapRepresentation(segmentID, image)
+    if image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        return np.zeros(tuple(reversed(dims)), np.uint8)
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(m)
+    reference.SetImageToWorldMatrix(m)
+    out = slicer.vtkOrientedImageData()
+    assert slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, reference, out)
+    arr = _array(out)
+    assert arr.shape == tuple(reversed(dims))
+    return (arr > 0).astype(np.uint8)
+
+
+def set_segment_array(segmentationNode, segmentID, volumeNode, array: np.ndarray) -> None:
+    """Replace a segment's labelmap with ``array`` (on the volume grid), like a Segment Editor edit."""
+    image = L._orientedImage(array.astype(np.uint8), L.ijkToRasFromVolumeNode(volumeNode))
+    segLogic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segLogic.SetMRMLScene(segmentationNode.GetScene())
+    assert segLogic.SetBinaryLabelmapToSegment(
+        image, segmentationNode, segmentID, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
+        image.GetExtent())
+
+
+def reference_geometry(segmentationNode):
+    geometry = segmentationNode.GetSegmentation().GetConversionParameter("Reference image geometry")
+    image = slicer.vtkOrientedImageData()
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, image)
+    return L._imageToWorld(image), image.GetExtent()
+
+
+def assert_same_geometry(segmentationNode, volumeNode):
+    matrix, extent = reference_geometry(segmentationNode)
+    dims = volumeNode.GetImageData().GetDimensions()
+    np.testing.assert_allclose(matrix, L.ijkToRasFromVolumeNode(volumeNode), atol=1e-9)
+    assert extent == (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    assert segmentationNode.GetNodeReference(role) is volumeNode
+    seg = segmentationNode.GetSegmentation()
+    for k in range(seg.GetNumberOfSegments()):  # every labelmap lies exactly on the volume's grid
+        image = seg.GetNthSegment(k).GetRepresentation(L._BINARY_LABELMAP)
+        np.testing.assert_allclose(L._imageToWorld(image), L.ijkToRasFromVolumeNode(volumeNode), atol=1e-9)
+
+
+def card_of(model) -> dict:
+    return json.loads((Path(model) / "card.json").read_text())
+
+
+def wait_until(predicate, timeout: float, job=None, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if job is not None:
+            job.poll()
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    """Processes of process group ``pgid`` that are still running (zombies waiting to be reaped do not count)."""
+    live = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state not in ("Z", "X"):
+            live.append(int(entry))
+    return live
+
+
+def assert_process_group_gone(pid: int) -> None:
+    """Nothing of the worker's process group (pgid == worker pid) is running any more."""
+    if os.name == "nt":
+        return
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return
+    if os.path.isdir("/proc"):  # members may linger as zombies until an init process reaps them
+        assert wait_until(lambda: not _live_group_members(pid), 2.0), _live_group_members(pid)
+    else:
+        pytest.fail(f"process group {pid} still exists")
+
+
+# ----------------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def weights_dir(shared_dir) -> str:
+    return str(Path(shared_dir) / "models")
+
+
+@pytest.fixture(scope="module")
+def busi_images(shared_dir) -> dict:
+    folder = Path(shared_dir) / "data" / "busi" / "images"
+    rgb = folder / RGB_PNG
+    if not rgb.is_file() or sitk.ReadImage(str(rgb)).GetNumberOfComponentsPerPixel() != 3:
+        rgb = next(p for p in sorted(folder.glob("*.png")) if sitk.ReadImage(str(p)).GetNumberOfComponentsPerPixel() == 3)
+    gray = next(p for p in sorted(folder.glob("benign_1*.png")) if sitk.ReadImage(str(p)).GetNumberOfComponentsPerPixel() == 1)
+    return {"rgb": rgb, "gray": gray}
+
+
+@pytest.fixture(scope="module")
+def hippocampus_file(shared_dir, tmp_path_factory) -> Path:
+    """Four slices of a real hippocampus MRI (with its real geometry, origin moved to the first kept slice) as
+    .nii.gz: the same file is loaded into Slicer and given to the command line."""
+    src = sorted((Path(shared_dir) / "data" / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0]
+    img = sitk.ReadImage(str(src))
+    k0 = img.GetSize()[2] // 2 - 2
+    sub = img[:, :, k0:k0 + 4]  # SimpleITK slicing keeps the physical position (origin of the first kept slice)
+    out = tmp_path_factory.mktemp("hippocampus") / "hippocampus_crop.nii.gz"
+    sitk.WriteImage(sub, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_segment_model(tiny_model, tmp_path_factory) -> Path:
+    """A model folder like ``tiny_model`` but with two segments (label values 1 and 5) and seeded random LMM weights.
+
+    The briefly trained tiny model may well find nothing in these images, which would make comparing label maps
+    vacuous; this model's predictions are non-empty, and it exercises multi-segment import and label values."""
+    torch = pytest.importorskip("torch")
+    from GMSSegmentLib.lmm import LatentMappingModel, LMMConfig
+    from GMSSegmentLib.model import GMSModel, make_segments
+
+    source = card_of(tiny_model)
+    card = {k: v for k, v in source.items() if k not in ("lmm", "trainable_parameters", "format_version", "metrics")}
+    card["name"] = "two-segment-random"
+    card["segments"] = make_segments(["lesion", "cyst"], labels=[1, 5], colours=[(0.9, 0.2, 0.2), (0.2, 0.5, 0.9)])
+    torch.manual_seed(1234)
+    config = LMMConfig.from_dict(source["lmm"])
+    c = config.latent_channels
+    stats = {"image_mean": torch.zeros(c), "image_std": torch.ones(c), "mask_mean": torch.zeros(c),
+             "mask_std": torch.ones(c)}
+    folder = tmp_path_factory.mktemp("models") / "two-segment-random"
+    GMSModel(card, LatentMappingModel(config), stats).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["tiny_model", "two_segment_model"])
+def model(request) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="module")
+def cli_reference(busi_images, hippocampus_file, weights_dir, tmp_path_factory):
+    """``reference(model)[input file]``: what ``python -m GMSSegmentLib segment`` writes for each input file (one
+    command line run per model for all inputs), as a (K, J, I) label array."""
+    cache: dict[str, dict] = {}
+
+    def reference(model) -> dict:
+        if str(model) in cache:
+            return cache[str(model)]
+        out = tmp_path_factory.mktemp("cli")
+        inputs = [busi_images["rgb"], busi_images["gray"], hippocampus_file]
+        cmd = [sys.executable, "-m", "GMSSegmentLib", "segment", *map(str, inputs), "-o", str(out), "--format",
+               ".nrrd", "--model", str(model), "--device", "cpu", "--weights-dir", weights_dir, "--progress", "none"]
+        proc = subprocess.run(cmd, env=L.workerEnvironment(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = {}
+        for path in inputs:
+            name = Path(path).name
+            stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+            written = out / f"{stem}_gms.nrrd"
+            assert written.is_file(), sorted(os.listdir(out))
+            img = sitk.ReadImage(str(written))
+            arr = sitk.GetArrayFromImage(img)
+            result[str(path)] = arr[np.newaxis] if img.GetDimension() == 2 else arr
+        cache[str(model)] = result
+        return result
+
+    return reference
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    segLogic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segLogic.SetMRMLScene(s)  # registers what segmentation nodes need in this scene
+    s._gmsSegLogic = segLogic
+    return s
+
+
+@pytest.fixture
+def temp_root(tmp_path) -> Path:
+    root = tmp_path / "jobs"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def logic(scene, temp_root):
+    lg = L.SegmentationLogic(scene=scene, tempRoot=str(temp_root))
+    yield lg
+    lg.shutdown()
+
+
+def load_volume_with_slicer(scene, path: Path):
+    """Load a NIfTI/NRRD file with Slicer's own volume reader (vtkSlicerVolumesLogic)."""
+    volumesLogic = slicer.vtkSlicerVolumesLogic()
+    volumesLogic.SetMRMLScene(scene)
+    node = volumesLogic.AddArchetypeVolume(str(path), Path(path).name.split(".")[0])
+    assert node is not None, f"Slicer could not read {path}"
+    return node
+
+
+def check_result(job, volumeNode, model, expected_labels: np.ndarray) -> None:
+    assert job.state == L.JobState.SUCCEEDED, (job.errorMessage, job.log[-20:])
+    card = card_of(model)
+    nodes = job.segmentationNodes
+    assert len(nodes) == 1
+    node = nodes[0]
+    assert node.IsA("vtkMRMLSegmentationNode") and node.GetScene() is volumeNode.GetScene()
+    assert_same_geometry(node, volumeNode)
+    seg = node.GetSegmentation()
+    assert seg.GetNumberOfSegments() == len(card["segments"])
+    for k, spec in enumerate(card["segments"]):
+        segment = seg.GetNthSegment(k)
+        assert segment.GetName() == spec["name"]
+        np.testing.assert_allclose(segment.GetColor(), spec["color"], atol=1e-6)
+        got = segment_on_volume_grid(node, seg.GetNthSegmentID(k), volumeNode)
+        want = (expected_labels == spec["label"]).astype(np.uint8)
+        assert got.shape == want.shape
+        assert np.array_equal(got, want), f"segment {spec['name']}: {int((got != want).sum())} voxels differ"
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+
+
+def test_reference_outputs_are_not_trivial(two_segment_model, cli_reference):
+    """Guard against vacuous comparisons: the two-segment model finds every one of its labels somewhere."""
+    labels = {int(v) for arr in cli_reference(two_segment_model).values() for v in np.unique(arr)}
+    assert labels == {0, 1, 5}
+    for arr in cli_reference(two_segment_model).values():
+        assert (arr != 0).any() and (arr == 0).any()
+
+
+def test_busi_rgb_vector_volume(scene, logic, temp_root, busi_images, model, weights_dir, cli_reference):
+    volume = L.addVolumeNodeFromFile(scene, busi_images["rgb"])
+    assert volume.IsA("vtkMRMLVectorVolumeNode")
+    assert slicer.util.arrayFromVolume(volume).shape[-1] == 3
+    job = logic.start(volume, str(model), device="cpu", weightsDir=weights_dir)
+    assert job.running and not job.batch
+    job.wait(JOB_TIMEOUT)
+    check_result(job, volume, model, cli_reference(model)[str(busi_images["rgb"])])
+    assert job.progress == 1.0
+    assert any("Imported" in line for line in job.log)
+    assert os.listdir(temp_root) == []
+
+
+def test_busi_scalar_volume(scene, logic, temp_root, busi_images, model, weights_dir, cli_reference):
+    volume = L.addVolumeNodeFromFile(scene, busi_images["gray"])
+    assert volume.IsA("vtkMRMLScalarVolumeNode") and not volume.IsA("vtkMRMLVectorVolumeNode")
+    job = logic.segment(volume, str(model), device="cpu", weightsDir=weights_dir, timeout=JOB_TIMEOUT)
+    check_result(job, volume, model, cli_reference(model)[str(busi_images["gray"])])
+    assert os.listdir(temp_root) == []
+
+
+def test_hippocampus_volume(scene, logic, temp_root, hippocampus_file, model, weights_dir, cli_reference):
+    volume = load_volume_with_slicer(scene, hippocampus_file)
+    dims = volume.GetImageData().GetDimensions()
+    assert dims[2] == 4 and min(dims) > 1
+    job = logic.segment(volume, str(model), device="cpu", weightsDir=weights_dir, timeout=JOB_TIMEOUT)
+    check_result(job, volume, model, cli_reference(model)[str(hippocampus_file)])
+    # the node's geometry is the file's: compare with SimpleITK's reading of the same file
+    img = sitk.ReadImage(str(hippocampus_file))
+    expected = L.ijkToRasFromLpsGeometry(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
+    matrix, _ = reference_geometry(job.segmentationNodes[0])
+    np.testing.assert_allclose(matrix, expected, atol=1e-5)
+    assert os.listdir(temp_root) == []
+
+
+# ------------------------------------------------------------------------------------------------ cancel / crash
+
+
+@pytest.fixture
+def long_volume(scene, shared_dir):
+    """A real MRI volume with enough slices that the worker is still busy when we interrupt it."""
+    src = sorted((Path(shared_dir) / "data" / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0]
+    return load_volume_with_slicer(scene, src)
+
+
+def _start_and_wait_for_slices(logic, volume, model, weights_dir):
+    job = logic.start(volume, str(model), device="cpu", weightsDir=weights_dir, axis=0)
+    assert wait_until(lambda: job.finished or job.tasks[0].state == L.TaskState.RUNNING, JOB_TIMEOUT, job), \
+        "the worker never started segmenting"
+    assert job.running, (job.state, job.errorMessage, job.log[-10:])
+    return job
+
+
+def test_cancel_mid_run(scene, logic, temp_root, long_volume, tiny_model, weights_dir):
+    before = scene_state(scene)
+    job = _start_and_wait_for_slices(logic, long_volume, tiny_model, weights_dir)
+    assert os.listdir(temp_root)  # the job folder exists while it runs
+    t0 = time.monotonic()
+    job.cancel()
+    assert wait_until(lambda: job.finished, 2.0, job), "cancel did not take effect within 2 s"
+    assert time.monotonic() - t0 < 2.0
+    assert job.state == L.JobState.CANCELLED
+    assert job.statusText == "Cancelled"
+    assert "cancel" in job.errorMessage
+    assert all(t.state == L.TaskState.CANCELLED for t in job.tasks)
+    assert scene_state(scene) == before
+    assert os.listdir(temp_root) == []
+    assert_process_group_gone(job.pid)
+    assert not logic.running
+
+
+def test_worker_killed_with_sigkill(scene, logic, temp_root, long_volume, tiny_model, weights_dir):
+    if os.name == "nt":
+        pytest.skip("POSIX signals")
+    before = scene_state(scene)
+    job = _start_and_wait_for_slices(logic, long_volume, tiny_model, weights_dir)
+    os.kill(job.pid, signal.SIGKILL)
+    assert job.wait(30) == L.JobState.FAILED
+    assert "killed by SIGKILL" in job.errorMessage
+    assert job.returnCode == -signal.SIGKILL
+    assert "killed by SIGKILL" in job.statusText
+    assert scene_state(scene) == before
+    assert os.listdir(temp_root) == []
+
+
+# ---------------------------------------------------------------------------------------------------------- re-run
+
+
+def test_rerun_keeps_edited_segment(scene, logic, busi_images, two_segment_model, weights_dir):
+    volume = L.addVolumeNodeFromFile(scene, busi_images["gray"])
+    card = card_of(two_segment_model)
+    first = logic.segment(volume, str(two_segment_model), device="cpu", weightsDir=weights_dir, timeout=JOB_TIMEOUT)
+    assert first.state == L.JobState.SUCCEEDED, first.errorMessage
+    node = first.segmentationNodes[0]
+    seg = node.GetSegmentation()
+    segmentID = seg.GetNthSegmentID(0)
+    name = seg.GetSegment(segmentID).GetName()
+
+    predicted = segment_on_volume_grid(node, segmentID, volume)
+    assert predicted.any()
+
+    # the user edits the segment: a rectangle that the model would hardly produce
+    edited = np.zeros(tuple(reversed(volume.GetImageData().GetDimensions())), np.uint8)
+    edited[0, 10:40, 20:90] = 1
+    assert not np.array_equal(edited, predicted)
+    set_segment_array(node, segmentID, volume, edited)
+    assert np.array_equal(segment_on_volume_grid(node, segmentID, volume), edited)
+    seg.GetSegment(segmentID).SetColor(0.1, 0.2, 0.3)
+
+    # re-run into the same segmentation node: new, uniquely named segments; the edited one is untouched
+    second = logic.segment(volume, str(two_segment_model), device="cpu", weightsDir=weights_dir,
+                           outputSegmentationNode=node, timeout=JOB_TIMEOUT)
+    assert second.state == L.JobState.SUCCEEDED, second.errorMessage
+    assert second.segmentationNodes == [node]
+    assert seg.GetNumberOfSegments() == 2 * len(card["segments"])
+    names = [seg.GetNthSegment(k).GetName() for k in range(seg.GetNumberOfSegments())]
+    assert names[: len(card["segments"])] == [s["name"] for s in card["segments"]]
+    assert names[len(card["segments"]):] == [f"{s['name']} (2)" for s in card["segments"]]
+    assert segmentID not in second.tasks[0].segmentIDs
+    assert np.array_equal(segment_on_volume_grid(node, segmentID, volume), edited)
+    assert seg.GetSegment(segmentID).GetColor() == pytest.approx((0.1, 0.2, 0.3))
+    assert seg.GetSegment(segmentID).GetName() == name
+
+    # re-run without an output node: a new segmentation node; the first node is untouched
+    third = logic.segment(volume, str(two_segment_model), device="cpu", weightsDir=weights_dir, timeout=JOB_TIMEOUT)
+    assert third.state == L.JobState.SUCCEEDED, third.errorMessage
+    assert third.segmentationNodes[0] is not node
+    assert third.segmentationNodes[0].GetName() != node.GetName()
+    assert seg.GetNumberOfSegments() == 2 * len(card["segments"])
+    assert np.array_equal(segment_on_volume_grid(node, segmentID, volume), edited)
+    # both re-runs produced what the first run produced before the edit
+    third_node = third.segmentationNodes[0]
+    assert np.array_equal(segment_on_volume_grid(node, second.tasks[0].segmentIDs[0], volume), predicted)
+    assert np.array_equal(segment_on_volume_grid(third_node, third.tasks[0].segmentIDs[0], volume), predicted)
+
+
+# ----------------------------------------------------------------------------------------------------------- batch
+
+
+def test_batch_with_broken_volumes(scene, logic, temp_root, busi_images, two_segment_model, weights_dir, cli_reference):
+    good_gray = L.addVolumeNodeFromFile(scene, busi_images["gray"])
+    constant = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "constant")
+    slicer.util.updateVolumeFromArray(constant, np.full((1, 64, 64), 7, np.int16))
+    nan = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "nan")
+    arr = np.random.default_rng(0).random((1, 64, 64)).astype(np.float32)
+    arr[0, 5, 5] = np.nan
+    slicer.util.updateVolumeFromArray(nan, arr)
+    good_rgb = L.addVolumeNodeFromFile(scene, busi_images["rgb"])
+    volumes = [good_gray, constant, nan, good_rgb]
+    assert logic.loadedVolumes(scene) == volumes
+
+    job = logic.start(volumes, str(two_segment_model), device="cpu", weightsDir=weights_dir)
+    assert job.batch
+    seen_running = set()
+    while not job.finished:
+        job.poll()
+        seen_running |= {t.index for t in job.tasks if t.state == L.TaskState.RUNNING}
+        time.sleep(0.05)
+        assert time.monotonic() - job.startTime < JOB_TIMEOUT
+    assert job.state == L.JobState.PARTIAL, (job.errorMessage, job.log[-20:])
+    states = [t.state for t in job.tasks]
+    assert states == [L.TaskState.SUCCEEDED, L.TaskState.FAILED, L.TaskState.FAILED, L.TaskState.SUCCEEDED]
+    assert "constant" in job.tasks[1].message
+    assert "NaN" in job.tasks[2].message
+    assert "constant" in job.errorMessage and "nan:" in job.errorMessage
+    assert "2 of 4" in job.statusText
+    # the successful volumes were imported, each in its own new node, exactly like the command line does
+    nodes = job.segmentationNodes
+    assert len(nodes) == 2
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    for task, volume, key in ((job.tasks[0], good_gray, "gray"), (job.tasks[3], good_rgb, "rgb")):
+        node = scene.GetNodeByID(task.segmentationNodeID)
+        assert_same_geometry(node, volume)
+        expected = cli_reference(two_segment_model)[str(busi_images[key])]
+        card = card_of(two_segment_model)
+        for k, spec in enumerate(card["segments"]):
+            got = segment_on_volume_grid(node, node.GetSegmentation().GetNthSegmentID(k), volume)
+            assert np.array_equal(got, (expected == spec["label"]).astype(np.uint8))
+    for task in job.tasks[1:3]:
+        assert task.segmentationNodeID is None
+    assert job.progress == pytest.approx(1.0)
+    assert os.listdir(temp_root) == []
+
+
+# ------------------------------------------------------------------------------------- errors reported clearly
+
+
+def test_bad_model_folder_fails_cleanly(scene, logic, temp_root, busi_images, tmp_path, weights_dir):
+    volume = L.addVolumeNodeFromFile(scene, busi_images["gray"])
+    before = scene_state(scene)
+    # not a model folder at all: refused before anything starts
+    with pytest.raises(ValueError, match="card.json"):
+        logic.start(volume, str(tmp_path))
+    assert os.listdir(temp_root) == []
+    # a card but no weights: the worker reports it (exit code 2) and the job fails with its message
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "card.json").write_text(json.dumps({"name": "broken", "segments": [
+        {"name": "lesion", "label": 1, "color": [1, 0, 0]}], "input_size": 224, "axis": 0, "foundation": {}}))
+    job = logic.segment(volume, str(broken), device="cpu", weightsDir=weights_dir, timeout=JOB_TIMEOUT)
+    assert job.state == L.JobState.FAILED
+    assert job.returnCode == 2
+    assert "model.safetensors" in job.errorMessage
+    assert scene_state(scene) == before
+    assert os.listdir(temp_root) == []
+
+
+def test_invalid_requests_change_nothing(scene, logic, temp_root, tiny_model):
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    slicer.util.updateVolumeFromArray(labelmap, np.zeros((1, 8, 8), np.uint8))
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ok")
+    slicer.util.updateVolumeFromArray(volume, np.arange(64, dtype=np.int16).reshape(1, 8, 8))
+    before = scene_state(scene)
+    with pytest.raises(ValueError, match="not a scalar or RGB volume"):
+        logic.start(labelmap, str(tiny_model))
+    with pytest.raises(ValueError, match="no image data"):
+        logic.start(empty, str(tiny_model))
+    with pytest.raises(ValueError, match="unknown device"):
+        logic.start(volume, str(tiny_model), device="tpu")
+    with pytest.raises(ValueError, match="axis"):
+        logic.start(volume, str(tiny_model), axis=3)
+    with pytest.raises(ValueError, match="model not found"):
+        logic.start(volume, str(temp_root / "nope"))
+    with pytest.raises(ValueError, match="weights folder"):
+        logic.start(volume, str(tiny_model), weightsDir=str(temp_root / "nope"))
+    with pytest.raises(ValueError, match="no volume"):
+        logic.start([], str(tiny_model))
+    with pytest.raises(ValueError, match="twice"):
+        logic.start([volume, volume], str(tiny_model))
+    assert scene_state(scene) == before
+    assert os.listdir(temp_root) == []
+    assert not logic.running
+
+
+# ----------------------------------------------------------------------- the protocol, with a stand-in worker
+
+
+FAKE_WORKER = textwrap.dedent('''
+    import json, os, sys, time
+    args = sys.argv[1:]
+    mode = os.environ["FAKE_MODE"]
+    def emit(**e):
+        print(json.dumps(e), flush=True)
+    if mode == "crash":
+        print("loading things", flush=True)
+        emit(event="start", total=4)
+        emit(event="progress", done=1, total=4)
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print("RuntimeError: something broke inside", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if mode == "noresult":
+        emit(event="log", message="hello")
+        sys.exit(0)
+    if mode == "grandchild":  # a child process that would outlive the worker unless the whole group is ended
+        import subprocess
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        with open(os.environ["FAKE_PIDFILE"], "w") as f:
+            f.write(str(child.pid))
+        emit(event="start", total=100)
+        time.sleep(60)
+''')
+
+
+@pytest.fixture
+def fake_logic(scene, temp_root, tmp_path, monkeypatch):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    lg = L.SegmentationLogic(scene=scene, tempRoot=str(temp_root))
+    # the real command line is [python, -m, GMSSegmentLib, ...]; run the stand-in through a tiny wrapper instead
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    wrapper.chmod(0o755)
+    lg.pythonExecutable = str(wrapper)
+    yield lg
+    lg.shutdown()
+
+
+@pytest.fixture
+def small_volume(scene):
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "small")
+    slicer.util.updateVolumeFromArray(volume, np.arange(64, dtype=np.int16).reshape(1, 8, 8))
+    return volume
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX shell wrapper")
+def test_worker_crash_message(scene, fake_logic, temp_root, small_volume, tiny_model, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "crash")
+    before = scene_state(scene)
+    job = fake_logic.segment(small_volume, str(tiny_model), timeout=60)
+    assert job.state == L.JobState.FAILED
+    assert job.returnCode == 1
+    assert "exit code 1" in job.errorMessage and "RuntimeError: something broke inside" in job.errorMessage
+    assert "loading things" in job.log  # non-JSON stdout lines go to the log
+    assert scene_state(scene) == before
+    assert os.listdir(temp_root) == []
+
+
+def test_worker_that_cannot_start(scene, logic, temp_root, small_volume, tiny_model):
+    logic.pythonExecutable = str(temp_root / "no-such-python")
+    before = scene_state(scene)
+    with pytest.raises(RuntimeError, match="cannot start the segmentation worker"):
+        logic.start(small_volume, str(tiny_model))
+    assert scene_state(scene) == before
+    assert os.listdir(temp_root) == []
+    assert not logic.running
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX shell wrapper")
+def test_worker_without_result(scene, fake_logic, temp_root, small_volume, tiny_model, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "noresult")
+    job = fake_logic.segment(small_volume, str(tiny_model), timeout=60)
+    assert job.state == L.JobState.FAILED
+    assert "without a result" in job.errorMessage
+    assert "hello" in job.log
+    assert os.listdir(temp_root) == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
+def test_cancel_ends_the_whole_process_tree(scene, fake_logic, temp_root, small_volume, tiny_model, tmp_path,
+                                            monkeypatch):
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setenv("FAKE_MODE", "grandchild")
+    monkeypatch.setenv("FAKE_PIDFILE", str(pidfile))
+    job = fake_logic.start(small_volume, str(tiny_model))
+    assert wait_until(lambda: job.tasks[0].state == L.TaskState.RUNNING, 30, job)
+    assert wait_until(lambda: pidfile.is_file() and pidfile.read_text().strip(), 10)
+    child = int(pidfile.read_text())
+    assert child in _live_group_members(job.pid)  # the grandchild runs in the worker's process group
+    t0 = time.monotonic()
+    job.cancel()
+    assert wait_until(lambda: job.finished, 2.0, job)
+    assert time.monotonic() - t0 < 2.0
+    assert job.state == L.JobState.CANCELLED
+
+    assert_process_group_gone(job.pid)  # the grandchild too
+    assert child not in _live_group_members(job.pid)
+    assert os.listdir(temp_root) == []
+
+
+# ---------------------------------------------------------------------------------------- pieces without a worker
+
+
+def test_export_geometry_matches_slicer_writer(scene, tmp_path):
+    """exportVolumeNode writes the geometry Slicer's own NRRD writer writes (oblique, anisotropic, LPS on disk)."""
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
+    slicer.util.updateVolumeFromArray(volume, np.random.default_rng(1).integers(0, 500, (5, 6, 7)).astype(np.int16))
+    t = vtk.vtkTransform()
+    t.RotateX(20)
+    t.RotateZ(-35)
+    m = vtk.vtkMatrix4x4()
+    m.DeepCopy(t.GetMatrix())
+    volume.SetIJKToRASDirectionMatrix(m)
+    volume.SetSpacing(0.7, 1.3, 2.5)
+    volume.SetOrigin(12, -4, 7.5)
+    ours = tmp_path / "ours.nrrd"
+    L.exportVolumeNode(volume, str(ours))
+    storage = scene.AddNewNodeByClass("vtkMRMLNRRDStorageNode")
+    storage.SetFileName(str(tmp_path / "slicer.nrrd"))
+    assert storage.WriteData(volume)
+    a, b = sitk.ReadImage(str(ours)), sitk.ReadImage(str(tmp_path / "slicer.nrrd"))
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-9)
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-9)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-9)
+    assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+    back = L.ijkToRasFromLpsGeometry(a.GetOrigin(), a.GetSpacing(), a.GetDirection())
+    np.testing.assert_allclose(back, L.ijkToRasFromVolumeNode(volume), atol=1e-9)
+
+
+def test_export_vector_volume(scene, tmp_path):
+    volume = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgba")
+    rgba = np.random.default_rng(2).integers(0, 255, (1, 5, 6, 4)).astype(np.uint8)
+    slicer.util.updateVolumeFromArray(volume, rgba)
+    info = L.exportVolumeNode(volume, str(tmp_path / "v.nrrd"))
+    assert info == {"shape": (1, 5, 6), "components": 3}
+    img = sitk.ReadImage(str(tmp_path / "v.nrrd"))
+    assert img.GetNumberOfComponentsPerPixel() == 3
+    assert np.array_equal(sitk.GetArrayFromImage(img), rgba[..., :3])
+
+
+def test_read_plain_labelmap_result(scene, tmp_path):
+    """A worker result that is a plain label map (not .seg.nrrd) is imported by label value, empty segments kept."""
+    labels = np.zeros((2, 4, 5), np.uint8)
+    labels[1, 1:3, 1:4] = 2
+    img = sitk.GetImageFromArray(labels)
+    img.SetOrigin((3.0, 4.0, 5.0))
+    img.SetSpacing((0.5, 0.6, 2.0))
+    path = tmp_path / "labels.nrrd"
+    sitk.WriteImage(img, str(path))
+    segments = [{"name": "a", "label": 1, "color": [1, 0, 0]}, {"name": "b", "label": 2, "color": [0, 1, 0]}]
+    loaded = L._readResultSegments(str(path), L._normalisedSegments(segments))
+    assert [s.name for s in loaded] == ["a", "b"]
+    assert _array(loaded[0].image).sum() == 0
+    assert np.array_equal(_array(loaded[1].image), (labels == 2).astype(np.uint8))
+    np.testing.assert_allclose(L._imageToWorld(loaded[1].image)[:3, 3], [-3.0, -4.0, 5.0])
+
+
+def test_unique_segment_names(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg = node.GetSegmentation()
+    assert L.uniqueSegmentName(seg, "lesion") == "lesion"
+    seg.AddEmptySegment("lesion", "lesion")
+    assert L.uniqueSegmentName(seg, "lesion") == "lesion (2)"
+    seg.AddEmptySegment("lesion_2", "lesion (2)")
+    assert L.uniqueSegmentName(seg, "lesion") == "lesion (3)"
+
+
+def test_requirements_and_environment(tiny_model):
+    assert L.missingRequirements(["numpy>=1.0", "SimpleITK"]) == []
+    assert L.missingRequirements(["numpy>=999", "surely-not-installed-gms>=1"]) == [
+        "numpy>=999", "surely-not-installed-gms>=1"]
+    assert "torch>=2.1" in L.requirementsForModel(str(tiny_model))
+    env = L.workerEnvironment("/some/weights")
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(MODULE_DIR)
+    assert env["GMS_WEIGHTS_DIR"] == "/some/weights"
+    assert L.moduleDirectory() == str(MODULE_DIR)
+    assert L.findPythonExecutable() == sys.executable  # outside the Slicer application
+    name = Path(tiny_model).name
+    assert L.resolveModel(str(tiny_model)) == os.path.abspath(tiny_model)
+    assert (name, os.path.abspath(tiny_model)) in L.findModels([str(Path(tiny_model).parent)])

@@ -1,0 +1,58 @@
+"""Training on real BUSI images through the command line: the loss decreases, selection is on a validation part
+carved from the training list, and the model folder has a complete card."""
+import json
+
+import numpy as np
+import torch
+
+from GMSSegmentLib.model import GMSModel
+from GMSSegmentLib.train import TrainConfig, _split_names, code_image, soft_probs
+
+
+def test_short_training_loss_decreases(tiny_model, tiny_model_card):
+    hist = tiny_model_card["training"]["history"]
+    losses = [h["loss"] for h in hist]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert all("val_dice" in h for h in hist)
+
+
+def test_card_is_complete(tiny_model_card, busi_dir):
+    c = tiny_model_card
+    assert c["foundation"]["name"] == "taef2"
+    assert set(c["foundation"]["files"]) == {"taef2_encoder.pth", "taef2_decoder.pth"}
+    assert c["input_size"] == 224 and c["normalization"] == {"mode": "photo"}
+    assert c["segments"][0]["name"] == "lesion" and c["segments"][0]["label"] == 1
+    assert len(c["segments"][0]["color"]) == 3
+    assert c["trainable_parameters"] == 1_637_552  # the paper's LMM with 32 latent channels
+    assert "validation" in c["metrics"] and 0.0 <= c["metrics"]["validation"]["dice"] <= 1.0
+    assert c["training"]["train_cases"] == 24 and c["training"]["validation_cases"] == 6
+    assert c["training"]["config"]["dice_samples"] == 1
+
+
+def test_validation_is_carved_from_train_never_test(busi_dir):
+    cfg = TrainConfig(data=str(busi_dir), output="unused")
+    train, val = _split_names(cfg, busi_dir, "2d")
+    split = json.loads((busi_dir / "split.json").read_text())
+    assert len(train) + len(val) == len(split["train"]) and len(val) == 52
+    assert not (set(train) | set(val)) & set(split["test"])
+    assert not set(train) & set(val)
+
+
+def test_resume_continues_from_checkpoint(tiny_model, tmp_path):
+    from conftest import run_gms, SHARED
+
+    work = tiny_model.with_name(tiny_model.name + ".work")
+    assert (work / "last.pt").is_file() and (work / "train.log").is_file()
+    state = torch.load(work / "last.pt", weights_only=True)
+    assert state["epoch"] == 4
+
+
+def test_multiclass_codes_and_probabilities():
+    codes = np.array([[1, 1, 0], [0, 1, 1]], np.float32)
+    lab = np.array([[0, 1], [2, 0]], np.uint8)
+    img = code_image(lab, codes)
+    assert img.shape == (2, 2, 3) and img[0, 1].tolist() == [1, 1, 0] and img[1, 0].tolist() == [0, 1, 1]
+    p = soft_probs(torch.from_numpy(img).permute(2, 0, 1)[None], torch.from_numpy(codes))
+    assert p.shape == (1, 2, 2, 2)
+    assert p[0, 0, 0, 1] > 0.99 and p[0, 1, 1, 0] > 0.99 and p[0, :, 0, 0].max() < 0.01
