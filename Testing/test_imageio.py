@@ -445,3 +445,16 @@ def test_atomic_output_generic(tmp_path):
             (tmp_path / "race.csv").write_text("theirs")
     assert (tmp_path / "race.csv").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["race.csv", "scores.csv"]
+
+
+def test_read_image_owns_its_pixels_for_float32_volumes(tmp_path):
+    """A float32 volume must be copied out of SimpleITK's buffer (a view would point at freed memory)."""
+    import gc
+
+    ref = np.random.default_rng(0).normal(100.0, 20.0, size=(7, 9, 11)).astype(np.float32)
+    path = tmp_path / "f32.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(ref), str(path))
+    loaded = read_image(path)
+    gc.collect()
+    _ = [np.ones((7, 9, 11), np.float32) * 7 for _ in range(50)]  # reuse freed memory, if any was freed
+    assert np.array_equal(loaded.array, ref)

@@ -23,6 +23,10 @@ import numpy as np
 def add_arguments(b):
     b.add_argument("--volume", default=None, help="volume to segment (default: a CT-sized volume made from a sample)")
     b.add_argument("--sample", default="hippocampus-025", help="sample used to build the default volume")
+    b.add_argument("--stack", default=None, metavar="BUSI_DIR",
+                   help="instead of a resampled sample, stack real BUSI images into the volume: normal-class images "
+                        "(no lesion) in the first and last third, test-split lesion images in the middle third, like "
+                        "a CT whose target spans a third of the slices")
     b.add_argument("--size", type=int, nargs=3, default=(512, 512, 300), metavar=("X", "Y", "Z"),
                    help="size of the default volume (x y z)")
     b.add_argument("--axis", type=int, default=None, help="slicing axis (default: the model card's)")
@@ -49,6 +53,25 @@ def make_volume(sample: str, size, dest: Path) -> Path:
     res = sitk.Resample(img, [int(s) for s in size], sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), new_sp,
                         img.GetDirection(), 0.0, sitk.sitkFloat32)
     sitk.WriteImage(res, str(dest))
+    return dest
+
+
+def make_stack(busi_dir: str, size, dest: Path) -> Path:
+    import SimpleITK as sitk
+    from PIL import Image
+
+    root = Path(busi_dir)
+    split = json.loads((root / "split.json").read_text())
+    x, y, z = (int(v) for v in size)
+    third = z // 3
+    names = (sorted(split["normal"])[:third] + sorted(split["test"])[: z - 2 * third] +
+             sorted(split["normal"])[third:2 * third])
+    if len(names) < z:
+        raise SystemExit(f"not enough BUSI images for {z} slices")
+    vol = np.zeros((z, y, x), np.uint8)
+    for k, n in enumerate(names[:z]):
+        vol[k] = np.asarray(Image.open(root / "images" / f"{n}.png").convert("L").resize((x, y), Image.BILINEAR))
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(dest))
     return dest
 
 
@@ -111,6 +134,10 @@ def run_benchmark(args):
         if args.volume:
             volume = Path(args.volume)
             what = str(volume)
+        elif args.stack:
+            volume = make_stack(args.stack, args.size, td / "volume.nrrd")
+            what = (f"{args.size[0]}x{args.size[1]}x{args.size[2]} stack of real BUSI images (normal | test lesions | "
+                    f"normal)")
         else:
             volume = make_volume(args.sample, args.size, td / "volume.nrrd")
             what = f"{args.sample} resampled to {args.size[0]}x{args.size[1]}x{args.size[2]} (linear)"
@@ -127,7 +154,7 @@ def run_benchmark(args):
                   f"({100 * r['decoded_area_fraction']:.0f}% of the area)", flush=True)
         if "reference" in results:
             a, b = np.load(td / "ours.npy"), np.load(td / "reference.npy")
-            labels = sorted(set(np.unique(a)) | set(np.unique(b)) - {0})
+            labels = sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})
             agree = {int(l): dice(a == l, b == l) for l in labels}
             speed = results["ours"]["slices_per_s"] / results["reference"]["slices_per_s"]
             print(f"speed-up {speed:.2f}x; Dice agreement per label {json.dumps({k: round(v, 5) for k, v in agree.items()})}; "

@@ -318,7 +318,9 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         n_bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
         raise GMSError(f"{p}: the image contains {n_bad} NaN or Inf values")
-    array = np.ascontiguousarray(raw, dtype=np.float32)
+    # always a copy: ``raw`` is a view into ``img``'s buffer, which is freed when this function returns
+    array = np.array(raw, dtype=np.float32, order="C", copy=True)
+    del raw
     if not np.isfinite(array).all():
         raise GMSError(f"{p}: the image has values outside the float32 range")
 

@@ -280,10 +280,16 @@ def train(cfg: TrainConfig) -> Path:
     total_steps = steps_per_epoch * cfg.epochs
     warm = steps_per_epoch * cfg.warmup_epochs
 
-    def lr_at(step):
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+
+    def lr_at(step, elapsed):
+        """Linear warm-up, then cosine to 0 over the epochs or, with a time budget, over whichever ends first."""
         if step < warm:
             return cfg.lr * (step + 1) / warm
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+        frac = (step - warm) / max(1, total_steps - warm)
+        if budget_s:
+            frac = max(frac, elapsed / budget_s)
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, frac)))
 
     ckpt = work / "last.pt"
     start_epoch, best, history = 0, -1.0, []
@@ -313,7 +319,7 @@ def train(cfg: TrainConfig) -> Path:
         for b0 in range(0, n_train, cfg.batch_size):
             idx = idx_all[b0:b0 + cfg.batch_size]
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = lr_at(step, time.time() - t_start)
             zi = model.norm_image(tr_img[idx])
             zm = model.norm_mask(tr_mask[idx])
             if cfg.latent_noise > 0:
@@ -331,7 +337,7 @@ def train(cfg: TrainConfig) -> Path:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
         elapsed = time.time() - t_start
         rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_s": time.time() - t_ep, "elapsed_s": elapsed}
