@@ -62,3 +62,35 @@ def test_classify_nearest_code_colour():
     assert lab[0, 0, 0] == 1 and lab[0, 1, 1] == 2 and lab[0, 2, 2] == 0
     binary = classify(torch.full((1, 3, 2, 2), 0.6), torch.tensor([[1.0, 1.0, 1.0]]), (4, 4))
     assert binary.shape == (1, 4, 4) and bool(binary.all())
+
+
+class _ThresholdSegmenter(SliceSegmenter):
+    """The real slice loop with a transparent stand-in for the network: label 1 where the normalised input > 0.6.
+    It lets the test know exactly which slices contain foreground."""
+
+    def segment_slices(self, slices):
+        self.stats.slices += slices.shape[0]
+        self.seen.extend(slices.reshape(slices.shape[0], -1).max(axis=1).round(6).tolist())
+        return (slices > 0.6).astype(np.uint8)
+
+
+def test_z_shortcut_skips_only_slices_between_empty_ones(model, hippo_dir):
+    vol = read_image(hippo_dir / "imagesTr" / "hippocampus_025.nii.gz")
+    arr = vol.array.copy()
+    lo, hi = np.percentile(arr, [1, 99])
+    arr = np.clip((arr - lo) / (hi - lo) * 255, 0, 255)
+    arr[:10] = 0  # empty slices at both ends, as above and below an organ
+    arr[-8:] = 0
+    results = {}
+    for gap in (0.0, 3.0):
+        seg = _ThresholdSegmenter(model, "cpu", FastDecodeSettings(enabled=True, z_gap_mm=gap))
+        seg.seen = []
+        calls = []
+        results[gap] = (segment_array(model, arr, axis=0, segmenter=seg, spacing_zyx=(1.0, 1.0, 1.0),
+                                      progress=lambda d, t: calls.append((d, t))), seg)
+        assert calls[-1] == (arr.shape[0], arr.shape[0])
+    full, fast = results[0.0][0], results[3.0][0]
+    assert np.array_equal(full, fast)
+    assert full[10:-8].any() and not full[:10].any()
+    skipped = results[3.0][1].stats.extra["z_skipped"]
+    assert skipped >= 10 and results[3.0][1].stats.slices == arr.shape[0] - skipped

@@ -92,21 +92,26 @@ def _child(args) -> int:
     load_s = time.perf_counter() - t_load
     t0 = time.perf_counter()
     labels = segment_array(model, img.array, is_rgb=img.is_rgb, axis=args.axis, segmenter=seg,
+                           spacing_zyx=img.geometry.spacing_zyx,
                            batch_size=1 if ref else args.batch_size)
     secs = time.perf_counter() - t0
     np.save(args.labels_out, labels)
     import resource
 
-    print(json.dumps({"loop": args.child, "slices": seg.stats.slices, "seconds": secs, "load_seconds": load_s,
-                      "slices_per_s": seg.stats.slices / secs, "decoded_slices": seg.stats.decoded_slices,
+    axis = args.axis if args.axis is not None else int(model.card.get("axis", 0))
+    n = labels.shape[axis] if labels.shape[0] > 1 else 1
+    print(json.dumps({"loop": args.child, "slices": n, "model_slices": seg.stats.slices, "seconds": secs,
+                      "load_seconds": load_s, "slices_per_s": n / secs, "decoded_slices": seg.stats.decoded_slices,
                       "decoded_area_fraction": seg.stats.decoded_fraction / max(1, seg.stats.slices),
+                      "z_skipped": seg.stats.extra.get("z_skipped", 0),
                       "threads": torch.get_num_threads(),
                       "peak_rss_mib_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     return 0
 
 
 def _run_child(kind: str, args, volume: Path, labels_out: Path) -> dict:
-    cmd = [sys.executable, "-m", "GMSSegmentLib", "benchmark", "--child", kind, "--volume", str(volume),
+    threads = ["--threads", str(args.threads)] if getattr(args, "threads", None) else []
+    cmd = [sys.executable, "-m", "GMSSegmentLib", *threads, "benchmark", "--child", kind, "--volume", str(volume),
            "--labels-out", str(labels_out), "--batch-size", str(args.batch_size), "--device", args.device]
     if args.model:
         cmd += ["--model", str(args.model)]
@@ -151,7 +156,8 @@ def run_benchmark(args):
             results[kind] = r
             print(f"  {kind:<10} {r['slices']} slices in {r['seconds']:.1f} s = {r['slices_per_s']:.2f} slices/s; "
                   f"peak RSS {r['peak_rss_mib_self']:.0f} MiB; decoded {r['decoded_slices']} slices "
-                  f"({100 * r['decoded_area_fraction']:.0f}% of the area)", flush=True)
+                  f"({100 * r['decoded_area_fraction']:.0f}% of the area); {r['z_skipped']} slices skipped by the z shortcut",
+                  flush=True)
         if "reference" in results:
             a, b = np.load(td / "ours.npy"), np.load(td / "reference.npy")
             labels = sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})

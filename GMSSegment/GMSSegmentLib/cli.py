@@ -97,6 +97,7 @@ def cmd_segment(args, rep: Reporter) -> int:
                 rep.progress(done, total, **extra)
 
             labels = segment_array(model, img.array, is_rgb=img.is_rgb, axis=args.axis, batch_size=args.batch_size,
+                                   spacing_zyx=img.geometry.spacing_zyx,
                                    segmenter=segmenter, progress=progress)
             rep.close_bar()
             present = [s for s in model.segments if (labels == s["label"]).any()]
@@ -154,7 +155,8 @@ def cmd_evaluate(args, rep: Reporter) -> int:
 
     evaluate(args.model, args.data, list_name=args.list, cases=args.cases, csv_path=args.csv,
              resolution=args.resolution, weights_dir=args.weights_dir, device=args.device,
-             batch_size=args.batch_size, fast=not args.no_fast, limit=args.limit, reporter=rep)
+             batch_size=args.batch_size, fast=not args.no_fast, limit=args.limit, reporter=rep,
+             record=args.record, command="gms " + " ".join(sys.argv[1:]) if args.record else None)
     return 0
 
 
@@ -267,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--no-fast", action="store_true")
     e.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    e.add_argument("--record", action="store_true", help="write the summary into the model card's metrics")
     common(e)
     e.set_defaults(func=cmd_evaluate)
 

@@ -41,7 +41,7 @@ def _resize_image(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution="native", weights_dir=None,
-             device="auto", batch_size=8, fast=True, limit=None, reporter=None) -> dict:
+             device="auto", batch_size=8, fast=True, limit=None, reporter=None, record=False, command=None) -> dict:
     root = Path(data)
     layout = detect_layout(root)
     dev = pick_device(device)
@@ -83,7 +83,8 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
             img = read_image(volume_path(root, "imagesTr", name))
             lab = read_image(volume_path(root, "labelsTr", name)).array.astype(np.int32)
             gt = lab
-            pred = segment_array(m, img.array, is_rgb=img.is_rgb, batch_size=batch_size, segmenter=seg)
+            pred = segment_array(m, img.array, is_rgb=img.is_rgb, batch_size=batch_size, segmenter=seg,
+                                 spacing_zyx=img.geometry.spacing_zyx)
             spacing = img.geometry.spacing_zyx
         met = label_metrics(pred, gt, seg_labels, spacing)
         for lab_v, v in met.items():
@@ -101,7 +102,28 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
                 w.writeheader()
                 w.writerows(rows)
         print(f"per-case metrics written to {csv_path}")
+    if record:
+        _record(model_dir, root, list_name, resolution, len(names), summary, command)
     return summary
+
+
+def _record(model_dir: Path, root: Path, list_name: str, resolution: str, n: int, summary: dict, command):
+    """Write the measured metrics into the model card (and the command that reproduces them)."""
+    import json
+
+    from .model import _atomic_write
+
+    card_path = model_dir / "card.json"
+    card = json.loads(card_path.read_text())
+    key = f"{root.name}/{list_name}/{resolution}"
+    card.setdefault("metrics", {})[key] = {
+        "cases": n,
+        "segments": {k: {m: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
+                         for m, v in s.items()} for k, s in summary.items()},
+        "command": command, "date": time.strftime("%Y-%m-%d"),
+    }
+    _atomic_write(card_path, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
+    print(f"metrics recorded in {card_path} under '{key}'")
 
 
 def summarise(rows, seg_names) -> dict:

@@ -169,25 +169,9 @@ def load_model(folder: str | Path, weights_dir=None, device: str | torch.device 
     return model.to(device)
 
 
-#: models shipped with the extension live in GMSSegment/Resources/Models/<name>/
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
-DEFAULT_MODEL = "busi-lesion"
+# model folders by path or name (no torch needed; shared with the Slicer side)
+from .modelpaths import DEFAULT_MODEL, find_models, resolve_model_path  # noqa: E402,F401
 
 
 def bundled_models() -> list[str]:
-    if not BUNDLED_MODELS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in BUNDLED_MODELS_DIR.iterdir() if (p / CARD).is_file())
-
-
-def resolve_model_path(name_or_path: str | Path | None) -> Path:
-    """A model folder path, or the name of a bundled model (default: busi-lesion)."""
-    value = str(name_or_path or DEFAULT_MODEL)
-    p = Path(value).expanduser()
-    if p.exists():
-        return p
-    q = BUNDLED_MODELS_DIR / value
-    if q.is_dir():
-        return q
-    known = ", ".join(bundled_models()) or "none"
-    raise GMSError(f"model '{value}' not found: not a folder, nor a bundled model (bundled: {known})")
+    return [name for name, _ in find_models()]

@@ -36,6 +36,8 @@ class FastDecodeSettings:
     tau: float = 0.3
     #: halo around active cells, in latent cells
     halo: int = 3
+    #: z shortcut: coarse slices at most this far apart (mm); 0 disables it
+    z_gap_mm: float = 2.0
 
 
 @dataclass
@@ -172,11 +174,23 @@ class SliceSegmenter:
             return classify(dec, self.codes, tuple(slices.shape[1:3])).cpu().numpy()
 
 
+def slice_order(n: int, stride: int) -> list[int]:
+    """Coarse slices for the z shortcut: every ``stride``-th slice and the last one."""
+    coarse = list(range(0, n, stride))
+    if coarse[-1] != n - 1:
+        coarse.append(n - 1)
+    return coarse
+
+
 def segment_array(model, array: np.ndarray, is_rgb: bool = False, axis: int | None = None, batch_size: int = 8,
                   device="cpu", fast: FastDecodeSettings | bool = True, progress=None, cancel=None,
-                  segmenter: SliceSegmenter | None = None) -> np.ndarray:
+                  segmenter: SliceSegmenter | None = None, spacing_zyx=None) -> np.ndarray:
     """Segment a (Z, Y, X) scalar or (Z, Y, X, 3) RGB array of raw intensities, slice-wise along ``axis`` (numpy order;
     default: the model card's axis). Returns (Z, Y, X) uint8 label values from the card.
+
+    With the fast settings' ``z_gap_mm`` and a known ``spacing_zyx``, slices are first segmented at a stride of at
+    most ``z_gap_mm``; the slices between two coarse slices that are both empty are left empty without running the
+    model (a structure must be thinner than ``z_gap_mm`` along the slicing axis to be missed).
 
     ``progress(done, total)`` is called after each batch; ``cancel()`` returning True stops with ``Cancelled``.
     """
@@ -184,10 +198,9 @@ def segment_array(model, array: np.ndarray, is_rgb: bool = False, axis: int | No
         raise GMSError(f"expected a (Z, Y, X[, C]) array, got shape {array.shape}")
     if array.ndim == 4 and array.shape[-1] != 3:
         raise GMSError(f"only scalar or RGB images are supported, got {array.shape[-1]} components")
-    n_slices_total = array.shape[0]
     if axis is None:
         axis = int(model.card.get("axis", 0))
-    if n_slices_total == 1:
+    if array.shape[0] == 1:
         axis = 0  # a 2D image is one slice whatever the card says
     if axis not in (0, 1, 2):
         raise GMSError(f"slicing axis must be 0, 1 or 2, got {axis}")
@@ -198,17 +211,44 @@ def segment_array(model, array: np.ndarray, is_rgb: bool = False, axis: int | No
     out = np.zeros(view.shape[:3], np.uint8)
     lut = np.array([0] + [s["label"] for s in model.segments], dtype=np.uint8)
     t0 = time.perf_counter()
+    done = 0
     if progress:
         progress(0, n)
-    for start in range(0, n, batch_size):
-        if cancel is not None and cancel():
-            raise Cancelled()
-        stop = min(start + batch_size, n)
-        batch = apply_range(np.array(view[start:stop], dtype=np.float32), lo, hi)
-        if not is_rgb and batch.ndim == 4:
-            raise GMSError("internal: scalar image with components")
-        out[start:stop] = lut[seg.segment_slices(batch)]
+
+    def run(indices: list[int]):
+        nonlocal done
+        for b in range(0, len(indices), batch_size):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            idx = indices[b:b + batch_size]
+            contiguous = idx[-1] - idx[0] == len(idx) - 1
+            raw = view[idx[0]:idx[-1] + 1] if contiguous else view[idx]
+            batch = apply_range(np.array(raw, dtype=np.float32), lo, hi)
+            res = lut[seg.segment_slices(batch)]
+            if contiguous:
+                out[idx[0]:idx[-1] + 1] = res
+            else:
+                out[idx] = res
+            done += len(idx)
+            if progress:
+                progress(done, n)
+
+    stride = 1
+    if seg.fast.enabled and seg.fast.z_gap_mm > 0 and spacing_zyx is not None and n > 2:
+        stride = max(1, int(seg.fast.z_gap_mm // float(spacing_zyx[axis])))
+    if stride <= 1:
+        run(list(range(n)))
+    else:
+        coarse = slice_order(n, stride)
+        run(coarse)
+        has_fg = out[coarse].reshape(len(coarse), -1).any(axis=1)
+        rest = [k for (a, b), fa, fb in zip(zip(coarse, coarse[1:]), has_fg, has_fg[1:]) if fa or fb
+                for k in range(a + 1, b)]
+        run(rest)
+        skipped = n - len(coarse) - len(rest)
+        seg.stats.extra["z_skipped"] = seg.stats.extra.get("z_skipped", 0) + skipped
+        done += skipped
         if progress:
-            progress(stop, n)
+            progress(done, n)
     seg.stats.seconds += time.perf_counter() - t0
     return np.moveaxis(out, 0, axis)

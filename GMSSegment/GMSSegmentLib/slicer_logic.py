@@ -47,6 +47,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from . import GMSError, modelpaths
+
 try:  # in Slicer and with slicer-core; the engine itself never needs these
     import slicer
     import vtk
@@ -217,43 +219,19 @@ def requirementsForModel(model: str | None = None) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------- models
 
 
-def _modelSearchPaths() -> list[str]:
-    here = moduleDirectory()
-    paths = []
-    env = os.environ.get("GMS_MODELS_DIR")
-    if env:
-        paths += [p for p in env.split(os.pathsep) if p]
-    paths += [
-        os.path.join(here, "Resources", "Models"),  # installed extension
-        os.path.join(os.path.dirname(here), "Resources", "Models"),  # source tree
-    ]
-    return paths
-
-
 def findModels(searchPaths: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """``(name, folder)`` of every model folder (a folder with ``card.json``) in the search paths, first one wins."""
-    found: dict[str, str] = {}
-    for base in searchPaths if searchPaths is not None else _modelSearchPaths():
-        if not os.path.isdir(base):
-            continue
-        for entry in sorted(os.listdir(base)):
-            folder = os.path.join(base, entry)
-            if os.path.isfile(os.path.join(folder, "card.json")) and entry not in found:
-                found[entry] = os.path.abspath(folder)
-    return list(found.items())
+    return [(name, str(folder)) for name, folder in modelpaths.find_models(searchPaths)]
 
 
 def resolveModel(model: str, searchPaths: Sequence[str] | None = None) -> str:
     """A model folder path (returned absolute) or the name of a model found by :func:`findModels`."""
     if not model or not str(model).strip():
         raise ValueError("no model selected: choose a model folder")
-    model = os.path.expanduser(str(model).strip())
-    if os.path.isdir(model):
-        return os.path.abspath(model)
-    for name, folder in findModels(searchPaths):
-        if name == model:
-            return folder
-    raise ValueError(f"model not found: {model} (neither a folder nor the name of an installed model)")
+    try:
+        return str(modelpaths.resolve_model_path(model, searchPaths))
+    except GMSError as e:
+        raise ValueError(str(e)) from None
 
 
 def readModelCard(model: str) -> dict:
