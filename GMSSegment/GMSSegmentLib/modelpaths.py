@@ -41,4 +41,4 @@ def resolve_model_path(name_or_path, search_paths=None) -> Path:
         if name == value:
             return folder
     known = ", ".join(n for n, _ in find_models(search_paths)) or "none"
-    raise GMSError(f"model '{value}' not found: neither a folder nor an installed model (installed: {known})")
+    raise GMSError(f"model not found: '{value}' is neither a folder nor an installed model (installed: {known})")
