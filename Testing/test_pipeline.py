@@ -94,3 +94,25 @@ def test_z_shortcut_skips_only_slices_between_empty_ones(model, hippo_dir):
     assert full[10:-8].any() and not full[:10].any()
     skipped = results[3.0][1].stats.extra["z_skipped"]
     assert skipped >= 10 and results[3.0][1].stats.slices == arr.shape[0] - skipped
+
+
+def test_device_selection_and_autocast_policy(monkeypatch):
+    """The GPU path as far as it can be checked without a GPU: device choice and the autocast policy."""
+    import contextlib
+
+    from GMSSegmentLib import GMSError
+    from GMSSegmentLib.pipeline import autocast_for, pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    assert isinstance(autocast_for(torch.device("cpu")), contextlib.nullcontext)  # fp32 on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto").type == "cpu"
+    with pytest.raises(GMSError, match="CUDA is not available"):
+        pick_device("cuda")
+    with pytest.raises(GMSError, match="unknown device"):
+        pick_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto").type == "cuda" and pick_device("gpu").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    ac = autocast_for(torch.device("cuda"))
+    assert isinstance(ac, torch.autocast) and ac.fast_dtype == torch.float16
