@@ -64,8 +64,8 @@ def make_stack(busi_dir: str, size, dest: Path) -> Path:
     split = json.loads((root / "split.json").read_text())
     x, y, z = (int(v) for v in size)
     third = z // 3
-    names = (sorted(split["normal"])[:third] + sorted(split["test"])[: z - 2 * third] +
-             sorted(split["normal"])[third:2 * third])
+    normal = sorted(split["normal"])  # 133 images: the last third reuses them in reverse order
+    names = normal[:third] + sorted(split["test"])[: z - 2 * third] + normal[::-1][:third]
     if len(names) < z:
         raise SystemExit(f"not enough BUSI images for {z} slices")
     vol = np.zeros((z, y, x), np.uint8)
