@@ -19,8 +19,11 @@ ENC, DEC = "taef2_encoder.pth", "taef2_decoder.pth"
 PINNED = {p.name: p for p in W.REGISTRY["taef2"].files}
 
 
+_SHARED = Path(os.environ.get("GMS_SHARED") or REPO.parent / "shared")  # read before any test changes the env
+
+
 def shared_dir() -> Path:
-    path = Path(os.environ.get("GMS_SHARED", REPO.parent / "shared"))
+    path = _SHARED
     if not (path / "models" / "taef2" / ENC).is_file():
         pytest.fail(f"shared data folder not found: {path} (expected models/taef2/{ENC}); set GMS_SHARED")
     return path
@@ -36,6 +39,7 @@ def clean_env(monkeypatch, tmp_path):
     for var in (W.ENV_WEIGHTS_DIR, W.ENV_BASE_URL, W.ENV_OFFLINE, "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv(W.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.setenv("GMS_SHARED", "")  # no shared-folder fallback: these tests exercise cache and downloads
     W._verified.clear()
 
 
@@ -271,3 +275,10 @@ def test_default_cache_location(monkeypatch, tmp_path):
     assert W.cache_dir("taef2") == tmp_path / "home" / ".cache" / "gmssegment" / "taef2"
     monkeypatch.setenv(W.ENV_CACHE_DIR, str(tmp_path / "c"))
     assert W.cache_dir("taef2") == tmp_path / "c" / "taef2"
+
+
+def test_shared_folder_is_used_before_downloading(monkeypatch):
+    """Beside a shared folder holding verified weights (this workplace, CI), nothing is downloaded."""
+    monkeypatch.setenv("GMS_SHARED", str(shared_dir()))
+    monkeypatch.setenv(W.ENV_BASE_URL, "http://127.0.0.1:9")  # would fail if a download were attempted
+    assert W.resolve_weights("taef2") == shared_dir() / "models" / "taef2"

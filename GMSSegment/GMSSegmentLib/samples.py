@@ -3,11 +3,10 @@
 cache and verified by SHA-256 (a mismatch is an error and the file is removed)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from . import GMSError
-from .weights import cache_root, download_file, sha256_file
+from .weights import cache_root, download_file, sha256_file, shared_dir
 
 SAMPLES = {
     "busi-malignant-3": {
@@ -26,16 +25,6 @@ SAMPLES = {
                "hippocampus_025.nii.gz",
     },
 }
-
-
-def shared_dir() -> Path | None:
-    env = os.environ.get("GMS_SHARED")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2].parent / "shared")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
 
 
 def fetch_sample(name: str, progress=None) -> Path:

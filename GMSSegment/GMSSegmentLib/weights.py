@@ -6,7 +6,9 @@ Where :func:`resolve_weights` looks, in this order:
 2. the environment variable ``GMS_WEIGHTS_DIR``,
 3. the user cache ``<cache root>/<name>/``; the cache root is ``GMS_CACHE_DIR`` if set, else
    ``$XDG_CACHE_HOME/gmssegment``, else ``~/.cache/gmssegment``,
-4. a download of the missing files into that cache from their pinned URLs.
+4. the shared data/weights folder beside the project (``$GMS_SHARED`` or ``../shared``; ``GMS_SHARED=""`` turns
+   this off), ``<shared>/models/<name>/``, when all its files are there and match their pinned SHA-256,
+5. a download of the missing files into that cache from their pinned URLs.
 
 An explicit folder (1 or 2) may hold the files directly (``<folder>/<file>``) or in a sub-folder named after the model
 (``<folder>/<name>/<file>``), so both ``.../models/taef2`` and ``.../models`` work. A file missing there is an error
@@ -188,6 +190,19 @@ def _explicit_folder(spec: FoundationWeights, folder: Path, origin: str, verify:
     return cand
 
 
+def shared_dir() -> Path | None:
+    """The shared data/weights folder: ``$GMS_SHARED``, else ``../shared`` beside the project, when it exists."""
+    env = os.environ.get("GMS_SHARED")
+    if env == "":
+        return None
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2].parent / "shared")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
 def _offline() -> bool:
     return os.environ.get(ENV_OFFLINE, "").strip().lower() not in ("", "0", "false", "no")
 
@@ -209,6 +224,12 @@ def resolve_weights(name: str, weights_dir: str | Path | None = None, progress: 
         return _explicit_folder(spec, Path(env), ENV_WEIGHTS_DIR, verify)
 
     folder = cache_dir(name)
+    shared = shared_dir()
+    if shared is not None and not any((folder / p.name).is_file() for p in spec.files):
+        candidate = shared / "models" / name
+        if all((candidate / p.name).is_file() for p in spec.files) and all(
+                _file_ok(candidate / p.name, p) for p in spec.files):
+            return candidate  # the verified shared copy beside the project (this workplace's machines and CI)
     todo = []
     for pinned in spec.files:
         path = folder / pinned.name
