@@ -30,7 +30,7 @@ def add_arguments(b):
     b.add_argument("--size", type=int, nargs=3, default=(512, 512, 300), metavar=("X", "Y", "Z"),
                    help="size of the default volume (x y z)")
     b.add_argument("--axis", type=int, default=None, help="slicing axis (default: the model card's)")
-    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--skip-reference", action="store_true", help="run only our loop")
     b.add_argument("--child", choices=("ours", "reference"), help=argparse_hidden())
     b.add_argument("--labels-out", help=argparse_hidden())

@@ -51,8 +51,8 @@ def find_image(root: Path, name: str) -> Path:
     raise GMSError(f"no image for case '{name}' in {root / 'images'}")
 
 
-def load_2d(root: Path, name: str, label_values=(255,)) -> Sample:
-    img = np.asarray(Image.open(find_image(root, name)).convert("RGB"), dtype=np.float32) / 255.0
+def load_mask(root: Path, name: str, label_values=(255,)) -> np.ndarray:
+    """``masks/<name>.png`` -> segment indices 1..n (binary masks: > 127 is segment 1)."""
     m = np.asarray(Image.open(root / "masks" / f"{name}.png").convert("L"))
     labels = np.zeros(m.shape, np.uint8)
     if tuple(label_values) == (255,):
@@ -60,7 +60,12 @@ def load_2d(root: Path, name: str, label_values=(255,)) -> Sample:
     else:
         for i, v in enumerate(label_values, start=1):
             labels[m == v] = i
-    return Sample(name, img, labels)
+    return labels
+
+
+def load_2d(root: Path, name: str, label_values=(255,)) -> Sample:
+    img = np.asarray(Image.open(find_image(root, name)).convert("RGB"), dtype=np.float32) / 255.0
+    return Sample(name, img, load_mask(root, name, label_values))
 
 
 def volume_path(root: Path, sub: str, case: str) -> Path:

@@ -13,22 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import GMSError
-from .data import detect_layout, find_image, read_split, volume_path
+from .data import detect_layout, find_image, load_mask, read_split, volume_path
 from .imageio import atomic_output, read_image
 from .metrics import label_metrics
 from .model import load_model, resolve_model_path
 from .pipeline import FastDecodeSettings, SliceSegmenter, pick_device, segment_array
-
-
-def _gt_2d(root: Path, name: str, label_values: list[int]) -> np.ndarray:
-    m = np.asarray(Image.open(root / "masks" / f"{name}.png").convert("L"))
-    out = np.zeros(m.shape, np.uint8)
-    if list(label_values) == [255]:
-        out[m > 127] = 1
-    else:
-        for i, v in enumerate(label_values, start=1):
-            out[m == v] = i
-    return out
 
 
 def _resize_image(arr: np.ndarray, size: int) -> np.ndarray:
@@ -69,7 +58,7 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
     for k, name in enumerate(names):
         if layout == "2d":
             img = read_image(find_image(root, name))
-            gt = _gt_2d(root, name, label_values)
+            gt = load_mask(root, name, label_values)
             arr = img.array
             if resolution == "model":
                 arr = _resize_image(arr, m.input_size)
