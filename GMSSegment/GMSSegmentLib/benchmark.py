@@ -91,15 +91,14 @@ def _child(args) -> int:
     seg = SliceSegmenter(model, device, FastDecodeSettings(enabled=not ref), channels_last=not ref)
     load_s = time.perf_counter() - t_load
     t0 = time.perf_counter()
-    labels = segment_array(model, img.array, is_rgb=img.is_rgb, axis=args.axis, segmenter=seg,
+    labels = segment_array(model, img.array, axis=args.axis, segmenter=seg,
                            spacing_zyx=img.geometry.spacing_zyx,
                            batch_size=1 if ref else args.batch_size)
     secs = time.perf_counter() - t0
     np.save(args.labels_out, labels)
     import resource
 
-    axis = args.axis if args.axis is not None else int(model.card.get("axis", 0))
-    n = labels.shape[axis] if labels.shape[0] > 1 else 1
+    n = seg.stats.slices + seg.stats.extra.get("z_skipped", 0)  # every slice along the axis, run or skipped
     print(json.dumps({"loop": args.child, "slices": n, "model_slices": seg.stats.slices, "seconds": secs,
                       "load_seconds": load_s, "slices_per_s": n / secs, "decoded_slices": seg.stats.decoded_slices,
                       "decoded_area_fraction": seg.stats.decoded_fraction / max(1, seg.stats.slices),

@@ -96,7 +96,7 @@ def cmd_segment(args, rep: Reporter) -> int:
                     rep.start(total, desc=name, input=job["input"], **extra)
                 rep.progress(done, total, **extra)
 
-            labels = segment_array(model, img.array, is_rgb=img.is_rgb, axis=args.axis, batch_size=args.batch_size,
+            labels = segment_array(model, img.array, axis=args.axis, batch_size=args.batch_size,
                                    spacing_zyx=img.geometry.spacing_zyx,
                                    segmenter=segmenter, progress=progress)
             rep.close_bar()

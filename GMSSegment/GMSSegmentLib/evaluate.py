@@ -3,6 +3,7 @@ as CSV, on a list of the data set's split.json (default: "test", else "val") or 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from pathlib import Path
@@ -63,7 +64,7 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
             if resolution == "model":
                 arr = _resize_image(arr, m.input_size)
                 gt = np.asarray(Image.fromarray(gt).resize((m.input_size,) * 2, Image.NEAREST))
-            pred_idx = segment_array(m, arr, is_rgb=img.is_rgb, batch_size=batch_size, segmenter=seg)[0]
+            pred_idx = segment_array(m, arr, batch_size=batch_size, segmenter=seg)[0]
             # segment_array returns the card's label values; ground truth here holds segment indices 1..n
             gt = np.array([0] + seg_labels, np.uint8)[gt]
             spacing = None
@@ -72,7 +73,7 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
             img = read_image(volume_path(root, "imagesTr", name))
             lab = read_image(volume_path(root, "labelsTr", name)).array.astype(np.int32)
             gt = lab
-            pred = segment_array(m, img.array, is_rgb=img.is_rgb, batch_size=batch_size, segmenter=seg,
+            pred = segment_array(m, img.array, batch_size=batch_size, segmenter=seg,
                                  spacing_zyx=img.geometry.spacing_zyx)
             spacing = img.geometry.spacing_zyx
         met = label_metrics(pred, gt, seg_labels, spacing)
@@ -98,8 +99,6 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
 
 def _record(model_dir: Path, root: Path, list_name: str, resolution: str, n: int, summary: dict, command):
     """Write the measured metrics into the model card (and the command that reproduces them)."""
-    import json
-
     from .model import _atomic_write
 
     card_path = model_dir / "card.json"

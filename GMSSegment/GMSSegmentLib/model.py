@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from . import GMSError
 from .lmm import LatentMappingModel, LMMConfig
+# model folders by path or name (no torch needed; shared with the Slicer side)
+from .modelpaths import CARD, DEFAULT_MODEL, find_models, resolve_model_path  # noqa: F401
 
-CARD = "card.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
@@ -168,9 +169,6 @@ def load_model(folder: str | Path, weights_dir=None, device: str | torch.device 
     model.attach_foundation(load_foundation(model.card["foundation"], weights_dir=weights_dir, progress=progress))
     return model.to(device)
 
-
-# model folders by path or name (no torch needed; shared with the Slicer side)
-from .modelpaths import DEFAULT_MODEL, find_models, resolve_model_path  # noqa: E402,F401
 
 
 def bundled_models() -> list[str]:

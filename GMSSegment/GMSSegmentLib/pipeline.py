@@ -182,7 +182,7 @@ def slice_order(n: int, stride: int) -> list[int]:
     return coarse
 
 
-def segment_array(model, array: np.ndarray, is_rgb: bool = False, axis: int | None = None, batch_size: int = 8,
+def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size: int = 8,
                   device="cpu", fast: FastDecodeSettings | bool = True, progress=None, cancel=None,
                   segmenter: SliceSegmenter | None = None, spacing_zyx=None) -> np.ndarray:
     """Segment a (Z, Y, X) scalar or (Z, Y, X, 3) RGB array of raw intensities, slice-wise along ``axis`` (numpy order;
@@ -221,14 +221,7 @@ def segment_array(model, array: np.ndarray, is_rgb: bool = False, axis: int | No
             if cancel is not None and cancel():
                 raise Cancelled()
             idx = indices[b:b + batch_size]
-            contiguous = idx[-1] - idx[0] == len(idx) - 1
-            raw = view[idx[0]:idx[-1] + 1] if contiguous else view[idx]
-            batch = apply_range(np.array(raw, dtype=np.float32), lo, hi)
-            res = lut[seg.segment_slices(batch)]
-            if contiguous:
-                out[idx[0]:idx[-1] + 1] = res
-            else:
-                out[idx] = res
+            out[idx] = lut[seg.segment_slices(apply_range(view[idx], lo, hi))]  # view[idx] copies only this batch
             done += len(idx)
             if progress:
                 progress(done, n)

@@ -227,8 +227,7 @@ def resolve_weights(name: str, weights_dir: str | Path | None = None, progress: 
     shared = shared_dir()
     if shared is not None and not any((folder / p.name).is_file() for p in spec.files):
         candidate = shared / "models" / name
-        if all((candidate / p.name).is_file() for p in spec.files) and all(
-                _file_ok(candidate / p.name, p) for p in spec.files):
+        if all(_file_ok(candidate / p.name, p) for p in spec.files):
             return candidate  # the verified shared copy beside the project (this workplace's machines and CI)
     todo = []
     for pinned in spec.files:
