@@ -116,3 +116,39 @@ def test_device_selection_and_autocast_policy(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     ac = autocast_for(torch.device("cuda"))
     assert isinstance(ac, torch.autocast) and ac.fast_dtype == torch.float16
+
+
+def test_training_precision_policy(monkeypatch):
+    """auto trains in bf16 only where the hardware multiplies bf16 (AMX / AVX512-BF16 CPUs, bf16 CUDA), else fp32;
+    explicit choices win and a typo is a clear error."""
+    import contextlib
+
+    from GMSSegmentLib import GMSError, pipeline
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(pipeline, "cpu_has_fast_bf16", lambda: False)
+    assert pipeline.training_precision(cpu, "auto") == "fp32"
+    assert pipeline.training_precision(cpu, "bf16") == "bf16"
+    monkeypatch.setattr(pipeline, "cpu_has_fast_bf16", lambda: True)
+    assert pipeline.training_precision(cpu, "auto") == "bf16"
+    assert pipeline.training_precision(cpu, "fp32") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert pipeline.training_precision(cuda, "auto") == "fp32"
+    with pytest.raises(GMSError, match="unknown precision"):
+        pipeline.training_precision(cpu, "fp8")
+    assert isinstance(pipeline.train_autocast(cpu, "fp32"), contextlib.nullcontext)
+    ac = pipeline.train_autocast(cpu, "bf16")
+    assert isinstance(ac, torch.autocast) and ac.fast_dtype == torch.bfloat16
+    with ac:  # the LMM's convolutions really run in bf16 under it
+        y = torch.nn.Conv2d(4, 4, 3)(torch.randn(1, 4, 8, 8))
+    assert y.dtype == torch.bfloat16
+
+
+def test_cpu_bf16_detection_reads_cpuinfo():
+    from GMSSegmentLib.pipeline import cpu_has_fast_bf16
+
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo")
+    assert cpu_has_fast_bf16() == bool({"amx_bf16", "avx512_bf16"} & set(flags))

@@ -28,6 +28,10 @@ def test_card_is_complete(tiny_model_card, busi_dir):
     assert "validation" in c["metrics"] and 0.0 <= c["metrics"]["validation"]["dice"] <= 1.0
     assert c["training"]["train_cases"] == 24 and c["training"]["validation_cases"] == 6
     assert c["training"]["config"]["dice_samples"] == 1
+    from GMSSegmentLib.pipeline import training_precision
+    assert c["training"]["precision"] == training_precision(torch.device("cpu"), "auto")  # what actually ran
+    lc = c["training"]["latent_cache"]
+    assert lc["entries"] == 24 + 6 and lc["seconds"] > 0 and lc["reused"] is False
 
 
 def test_validation_is_carved_from_train_never_test(busi_dir):

@@ -1,6 +1,7 @@
 """Measures the training-cost choices of `gms train` on this machine, side by side in one run:
-seconds per training step (batch 8, 32x28x28 latents) with the decoded-Dice term on 0, 2 and 8 samples, and the cost of
-encoding the batch's images and masks, which the latent cache removes from every epoch.
+seconds per training step (batch 8, 32x28x28 latents) with the decoded-Dice term on 0, 2 and 8 samples, in fp32 and in
+bf16 autocast (what `gms train --precision auto` picks on CPUs with AMX / AVX512-BF16), and the cost of encoding the
+batch's images and masks, which the latent cache removes from every epoch.
 
     python benchmarks/train_step_cost.py [--weights-dir ../shared/models] [--steps 5]
 """
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
 
 from GMSSegmentLib.autoencoders import load_foundation  # noqa: E402
 from GMSSegmentLib.lmm import LatentMappingModel, LMMConfig  # noqa: E402
+from GMSSegmentLib.pipeline import cpu_has_fast_bf16, train_autocast  # noqa: E402
 from GMSSegmentLib.train import dice_loss  # noqa: E402
 
 
@@ -28,36 +30,43 @@ def main():
     ap.add_argument("--size", type=int, default=224)
     a = ap.parse_args()
     fnd = load_foundation("taef2", weights_dir=a.weights_dir).to(memory_format=torch.channels_last)
-    lmm = LatentMappingModel(LMMConfig(latent_channels=32))
+    for p in fnd.parameters():
+        p.requires_grad_(False)
+    lmm = LatentMappingModel(LMMConfig(latent_channels=32)).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(lmm.parameters(), lr=1e-4)
     s, h = a.size, a.size // 8
-    zi, zm = torch.randn(8, 32, h, h), torch.randn(8, 32, h, h)
+    zi = torch.randn(8, 32, h, h).contiguous(memory_format=torch.channels_last)
+    zm = torch.randn(8, 32, h, h)
     target = (torch.rand(8, 1, s, s) > 0.7).float()
-    print(f"threads {torch.get_num_threads()}, input {s}x{s}, batch 8")
-    for d in (0, 2, 8):
-        times = []
-        for i in range(a.steps + 1):
-            t0 = time.perf_counter()
-            outs = lmm(zi)
-            loss = sum(F.mse_loss(o, zm) for o in outs[1:])
-            if d:
-                dec = fnd.decode(outs[-1][:d].contiguous(memory_format=torch.channels_last))
-                loss = loss + dice_loss(dec.mean(1, keepdim=True), target[:d])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i:  # the first step warms up
-                times.append(time.perf_counter() - t0)
-        print(f"  step with decoded Dice on {d} of 8 samples: {sum(times) / len(times):.2f} s")
+    cpu = torch.device("cpu")
+    print(f"threads {torch.get_num_threads()}, input {s}x{s}, batch 8, bf16 hardware: {cpu_has_fast_bf16()}")
+    for precision in ("fp32", "bf16"):
+        for d in (0, 2, 8):
+            times = []
+            for i in range(a.steps + 1):
+                t0 = time.perf_counter()
+                with train_autocast(cpu, precision):
+                    outs = lmm(zi)
+                    loss = sum(F.mse_loss(o.float(), zm) for o in outs[1:])
+                    if d:
+                        dec = fnd.decode(outs[-1][:d].float().contiguous(memory_format=torch.channels_last)).float()
+                        loss = loss + dice_loss(dec.mean(1, keepdim=True), target[:d])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if i:  # the first step warms up
+                    times.append(time.perf_counter() - t0)
+            print(f"  {precision} step with decoded Dice on {d} of 8 samples: {sum(times) / len(times):.2f} s")
     x = torch.rand(8, 3, s, s).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        fnd.encode(x)
-        t0 = time.perf_counter()
-        for _ in range(2):
+    for precision in ("fp32", "bf16"):
+        with torch.inference_mode(), train_autocast(cpu, precision):
             fnd.encode(x)
-        enc = (time.perf_counter() - t0) / 2 * 2  # images and masks
-    print(f"  encoding the batch's 8 images + 8 masks (saved per step by the latent cache): {enc:.2f} s")
-
+            t0 = time.perf_counter()
+            for _ in range(2):
+                fnd.encode(x)
+            enc = (time.perf_counter() - t0) / 2 * 2  # images and masks
+        print(f"  {precision} encoding of the batch's 8 images + 8 masks (saved per step by the latent cache): "
+              f"{enc:.2f} s")
 
 if __name__ == "__main__":
     main()

@@ -143,7 +143,7 @@ def cmd_train(args, rep: Reporter) -> int:
         val_fraction=args.val_fraction, max_train=args.max_train, max_val=args.max_val,
         augment_copies=args.augment_copies, epochs=args.epochs, max_minutes=args.max_minutes,
         batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, dice_samples=args.dice_samples,
-        latent_noise=args.latent_noise, seed=args.seed, val_every=args.val_every, cache_dir=args.cache_dir,
+        latent_noise=args.latent_noise, precision=args.precision, seed=args.seed, val_every=args.val_every, cache_dir=args.cache_dir,
         work_dir=args.work_dir, resume=not args.no_resume, licence=args.licence, citation=args.citation,
         description=args.description)
     train(cfg)
@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dice-samples", type=int, default=2,
                    help="samples per batch whose decoded Dice loss is back-propagated through the decoder (0 = off)")
     t.add_argument("--latent-noise", type=float, default=0.0)
+    t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="training arithmetic: auto = bf16 where the hardware has it (AMX/AVX512-BF16 CPUs, CUDA), "
+                        "else fp32; validation and the cached latents stay fp32")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-every", type=int, default=1)
     t.add_argument("--cache-dir", default=None)

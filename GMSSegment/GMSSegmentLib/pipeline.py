@@ -70,6 +70,39 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16), read from /proc/cpuinfo (Linux only)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def training_precision(device: torch.device, precision: str = "auto") -> str:
+    """'bf16' or 'fp32' for training. auto: bf16 on CUDA with bf16 support and on CPUs with bf16 hardware (AMX or
+    AVX512-BF16: about 2x faster training steps here), fp32 elsewhere (AVX2 CPUs emulate bf16 slowly)."""
+    precision = (precision or "auto").lower()
+    if precision not in ("auto", "bf16", "fp32"):
+        raise GMSError(f"unknown precision '{precision}' (use auto, bf16 or fp32)")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def train_autocast(device: torch.device, precision: str):
+    """Autocast context for a resolved training precision ('bf16' or 'fp32')."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def to_model_input(slices: np.ndarray, size: int, device) -> torch.Tensor:
     """(B, H, W) or (B, H, W, 3) floats in [0, 1] -> (B, 3, size, size) tensor (antialiased bilinear resize)."""
     t = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).to(device)

@@ -28,7 +28,7 @@ from .augment import augment_pair
 from .data import detect_layout, load_2d, load_3d, read_split
 from .lmm import LatentMappingModel, LMMConfig
 from .model import GMSModel, make_segments
-from .pipeline import classify, to_model_input
+from .pipeline import classify, to_model_input, train_autocast, training_precision
 
 
 @dataclass
@@ -57,6 +57,7 @@ class TrainConfig:
     warmup_epochs: int = 5
     dice_samples: int = 2
     latent_noise: float = 0.0
+    precision: str = "auto"  # auto | bf16 | fp32 (autocast of the LMM and the decoded-Dice term; validation is fp32)
     seed: int = 0
     val_every: int = 1
     cache_dir: str | None = None
@@ -237,10 +238,14 @@ def train(cfg: TrainConfig) -> Path:
                           cfg.foundation, norm, label_values, cfg.axis, layout], sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else work / "cache"
+    t_cache = time.time()
+    cache_existed = (cache_dir / f"train-{key}.safetensors").is_file()
     tr = LatentCache.build(samples_fn, train_names, cfg.augment_copies, foundation, cfg.input_size, codes, cfg.seed,
                            cache_dir / f"train-{key}.safetensors", log)
     va = LatentCache.build(samples_fn, val_names, 1, foundation, cfg.input_size, codes, cfg.seed,
                            cache_dir / f"val-{key}.safetensors", log)
+
+    cache_s = time.time() - t_cache
 
     # latent statistics for standardisation (per channel, over the training cache)
     def stats(t):
@@ -249,7 +254,7 @@ def train(cfg: TrainConfig) -> Path:
 
     im_mean, im_std = stats(tr.img)
     mk_mean, mk_std = stats(tr.mask)
-    lmm = LatentMappingModel(LMMConfig(latent_channels=foundation.latent_channels))
+    lmm = LatentMappingModel(LMMConfig(latent_channels=foundation.latent_channels)).to(memory_format=torch.channels_last)
     card = {
         "name": cfg.name or out.name,
         "version": "1.0",
@@ -264,6 +269,8 @@ def train(cfg: TrainConfig) -> Path:
         "segments": segments,
         "training": {"data": str(root.name), "layout": layout, "train_cases": len(train_names),
                      "validation_cases": len(val_names), "label_values": label_values,
+                     "latent_cache": {"entries": int(tr.img.shape[0]) + int(va.img.shape[0]),
+                                      "seconds": round(cache_s, 1), "reused": cache_existed},
                      "config": {k: v for k, v in asdict(cfg).items() if k not in ("data", "output", "weights_dir",
                                                                                     "cache_dir", "work_dir")}},
         "licence": cfg.licence,
@@ -274,6 +281,9 @@ def train(cfg: TrainConfig) -> Path:
                                  "mask_std": mk_std})
     model.attach_foundation(foundation)
 
+    precision = training_precision(torch.device("cpu"), cfg.precision)
+    model.card["training"]["precision"] = precision
+    log(f"training precision {precision} (requested {cfg.precision})")
     opt = torch.optim.AdamW(lmm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = len(tr.img) // cfg.augment_copies
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
@@ -325,15 +335,16 @@ def train(cfg: TrainConfig) -> Path:
             if cfg.latent_noise > 0:
                 keep = (torch.rand(len(idx), 1, 1, 1) < 0.5).float()
                 zi = zi + keep * cfg.latent_noise * torch.randn_like(zi)
-            outs = lmm(zi)
-            loss = sum(F.mse_loss(o, zm) for o in outs[1:])
-            if cfg.dice_samples > 0:
-                d = min(cfg.dice_samples, len(idx))
-                dec = foundation.decode(model.denorm_mask(outs[-1][:d]).contiguous(memory_format=torch.channels_last))
-                prob = soft_probs(dec, codes_t)
-                lab = tr_lab[idx[:d]]
-                target = torch.stack([(lab == k) for k in range(1, n_seg + 1)], dim=1).float()
-                loss = loss + dice_loss(prob, target)
+            with train_autocast(torch.device("cpu"), precision):
+                outs = lmm(zi.contiguous(memory_format=torch.channels_last))
+                loss = sum(F.mse_loss(o.float(), zm) for o in outs[1:])
+                if cfg.dice_samples > 0:
+                    d = min(cfg.dice_samples, len(idx))
+                    z = model.denorm_mask(outs[-1][:d].float()).contiguous(memory_format=torch.channels_last)
+                    prob = soft_probs(foundation.decode(z).float(), codes_t)
+                    lab = tr_lab[idx[:d]]
+                    target = torch.stack([(lab == k) for k in range(1, n_seg + 1)], dim=1).float()
+                    loss = loss + dice_loss(prob, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
