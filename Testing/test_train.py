@@ -30,6 +30,9 @@ def test_card_is_complete(tiny_model_card, busi_dir):
     assert c["training"]["config"]["dice_samples"] == 1
     from GMSSegmentLib.pipeline import training_precision
     assert c["training"]["precision"] == training_precision(torch.device("cpu"), "auto")  # what actually ran
+    pp = c["postprocess"]  # chosen at the end of training on the 6 validation cases, never on test
+    assert pp["selected_on"] == "6 validation cases" and isinstance(pp["largest_component"], bool)
+    assert pp["largest_component"] == (pp["validation_dice"]["largest_component"] > pp["validation_dice"]["none"])
     lc = c["training"]["latent_cache"]
     assert lc["entries"] == 24 + 6 and lc["seconds"] > 0 and lc["reused"] is False
 

@@ -98,7 +98,8 @@ def cmd_segment(args, rep: Reporter) -> int:
 
             labels = segment_array(model, img.array, axis=args.axis, batch_size=args.batch_size,
                                    spacing_zyx=img.geometry.spacing_zyx,
-                                   segmenter=segmenter, progress=progress)
+                                   segmenter=segmenter, progress=progress,
+                                   postprocess={} if args.no_postprocess else None)
             rep.close_bar()
             present = [s for s in model.segments if (labels == s["label"]).any()]
             path = write_labels(job["output"], labels, img.geometry, model.segments, overwrite=args.overwrite)
@@ -143,7 +144,8 @@ def cmd_train(args, rep: Reporter) -> int:
         val_fraction=args.val_fraction, max_train=args.max_train, max_val=args.max_val,
         augment_copies=args.augment_copies, epochs=args.epochs, max_minutes=args.max_minutes,
         batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, dice_samples=args.dice_samples,
-        latent_noise=args.latent_noise, precision=args.precision, seed=args.seed, val_every=args.val_every, cache_dir=args.cache_dir,
+        latent_noise=args.latent_noise, precision=args.precision,
+        select_postprocess=not args.no_postprocess_select, seed=args.seed, val_every=args.val_every, cache_dir=args.cache_dir,
         work_dir=args.work_dir, resume=not args.no_resume, licence=args.licence, citation=args.citation,
         description=args.description)
     train(cfg)
@@ -157,6 +159,14 @@ def cmd_evaluate(args, rep: Reporter) -> int:
              resolution=args.resolution, weights_dir=args.weights_dir, device=args.device,
              batch_size=args.batch_size, fast=not args.no_fast, limit=args.limit, reporter=rep,
              record=args.record, command="gms " + " ".join(sys.argv[1:]) if args.record else None)
+    return 0
+
+
+def cmd_postprocess(args, rep: Reporter) -> int:
+    from .evaluate import select_postprocess
+
+    select_postprocess(args.model, args.data, weights_dir=args.weights_dir, device=args.device,
+                       batch_size=args.batch_size, command="gms " + " ".join(sys.argv[1:]))
     return 0
 
 
@@ -217,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slicing axis in numpy (z, y, x) order (default: the model card's)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--no-fast", action="store_true", help="decode every slice fully (the reference loop)")
+    s.add_argument("--no-postprocess", action="store_true",
+                   help="skip the model card's post-processing (largest component, if chosen on validation)")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     common(s)
     s.set_defaults(func=cmd_segment)
@@ -248,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dice-samples", type=int, default=2,
                    help="samples per batch whose decoded Dice loss is back-propagated through the decoder (0 = off)")
     t.add_argument("--latent-noise", type=float, default=0.0)
+    t.add_argument("--no-postprocess-select", action="store_true",
+                   help="do not choose the post-processing on the validation cases at the end")
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="training arithmetic: auto = bf16 where the hardware has it (AMX/AVX512-BF16 CPUs, CUDA), "
                         "else fp32; validation and the cached latents stay fp32")
@@ -275,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--record", action="store_true", help="write the summary into the model card's metrics")
     common(e)
     e.set_defaults(func=cmd_evaluate)
+
+    pp = sub.add_parser("postprocess", help="choose the post-processing (none / largest component) on the model's "
+                        "validation cases and store it in its card (gms train does this at its end)")
+    pp.add_argument("data", help="the data set the model was trained on")
+    pp.add_argument("--batch-size", type=int, default=8)
+    common(pp)
+    pp.set_defaults(func=cmd_postprocess)
 
     b = sub.add_parser("benchmark", help="slices/s and peak RSS of our loop vs a reference-style loop")
     from .benchmark import add_arguments

@@ -57,25 +57,8 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
     rows = []
     t0 = time.perf_counter()
     for k, name in enumerate(names):
-        if layout == "2d":
-            img = read_image(find_image(root, name))
-            gt = load_mask(root, name, label_values)
-            arr = img.array
-            if resolution == "model":
-                arr = _resize_image(arr, m.input_size)
-                gt = np.asarray(Image.fromarray(gt).resize((m.input_size,) * 2, Image.NEAREST))
-            pred_idx = segment_array(m, arr, batch_size=batch_size, segmenter=seg)[0]
-            # segment_array returns the card's label values; ground truth here holds segment indices 1..n
-            gt = np.array([0] + seg_labels, np.uint8)[gt]
-            spacing = None
-            pred = pred_idx
-        else:
-            img = read_image(volume_path(root, "imagesTr", name))
-            lab = read_image(volume_path(root, "labelsTr", name)).array.astype(np.int32)
-            gt = lab
-            pred = segment_array(m, img.array, batch_size=batch_size, segmenter=seg,
-                                 spacing_zyx=img.geometry.spacing_zyx)
-            spacing = img.geometry.spacing_zyx
+        pred, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, label_values,
+                                          seg_labels)
         met = label_metrics(pred, gt, seg_labels, spacing)
         for lab_v, v in met.items():
             rows.append({"case": name, "segment": seg_names[lab_v], "label": lab_v, **v,
@@ -95,6 +78,78 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
     if record:
         _record(model_dir, root, list_name, resolution, len(names), summary, command)
     return summary
+
+
+def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, batch_size: int, label_values,
+                  seg_labels, postprocess: dict | None = None):
+    """One case -> (prediction, ground truth, spacing or None), both in the card's label values."""
+    if layout == "2d":
+        img = read_image(find_image(root, name))
+        gt = load_mask(root, name, label_values)
+        arr = img.array
+        if resolution == "model":
+            arr = _resize_image(arr, m.input_size)
+            gt = np.asarray(Image.fromarray(gt).resize((m.input_size,) * 2, Image.NEAREST))
+        pred = segment_array(m, arr, batch_size=batch_size, segmenter=seg, postprocess=postprocess)[0]
+        # ground truth holds segment indices 1..n; the prediction the card's label values
+        return pred, np.array([0] + seg_labels, np.uint8)[gt], None
+    img = read_image(volume_path(root, "imagesTr", name))
+    gt = read_image(volume_path(root, "labelsTr", name)).array.astype(np.int32)
+    pred = segment_array(m, img.array, batch_size=batch_size, segmenter=seg, spacing_zyx=img.geometry.spacing_zyx,
+                         postprocess=postprocess)
+    return pred, gt, img.geometry.spacing_zyx
+
+
+def validation_cases(card: dict, root: Path) -> list[str]:
+    """The validation cases the model was selected on (a split list, or the part carved from its training list)."""
+    from .train import TrainConfig, _split_names
+
+    tr = card.get("training") or {}
+    if tr.get("data") != root.name:
+        raise GMSError(f"model '{card.get('name')}' was trained on '{tr.get('data')}', not on {root}: its validation "
+                       "cases are not known")
+    keys = ("train_list", "val_list", "val_fraction", "max_train", "max_val", "seed")
+    cfg = TrainConfig(data=str(root), output="unused", **{k: tr["config"][k] for k in keys if k in tr["config"]})
+    return _split_names(cfg, root, detect_layout(root))[1]
+
+
+def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=8, command=None) -> dict:
+    """Choose the post-processing (none or largest component per segment) on the model's own validation cases, by
+    mean Dice (2D at the model's input size, 3D at native resolution), and store the choice in its card."""
+    from .model import _atomic_write
+    from .postprocess import apply_postprocess
+
+    root = Path(data)
+    layout = detect_layout(root)
+    dev = pick_device(device)
+    model_dir = resolve_model_path(model)
+    m = load_model(model_dir, weights_dir=weights_dir, device=dev)
+    names = validation_cases(m.card, root)
+    seg = SliceSegmenter(m, dev, FastDecodeSettings(enabled=True))
+    label_values = m.card.get("training", {}).get("label_values") or [s["label"] for s in m.segments]
+    seg_labels = [s["label"] for s in m.segments]
+    resolution = "model" if layout == "2d" else "native"
+    lcc = {"largest_component": True}
+    scores = {"none": [], "largest_component": []}
+    for name in names:
+        pred, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, label_values,
+                                          seg_labels, postprocess={})
+        pp = apply_postprocess(pred[None] if layout == "2d" else pred, m.card, lcc)
+        pp = pp[0] if layout == "2d" else pp
+        for key, p in (("none", pred), ("largest_component", pp)):
+            met = label_metrics(p, gt, seg_labels, spacing)
+            scores[key].append(float(np.mean([v["dice"] for v in met.values()])))
+    mean = {k: round(float(np.mean(v)), 4) for k, v in scores.items()}
+    choice = mean["largest_component"] > mean["none"]
+    print(f"validation ({len(names)} cases, {resolution} resolution) mean Dice: none {mean['none']:.4f}, "
+          f"largest component {mean['largest_component']:.4f} -> largest_component = {choice}")
+    card_path = model_dir / "card.json"
+    card = json.loads(card_path.read_text())
+    card["postprocess"] = {"largest_component": choice, "selected_on": f"{len(names)} validation cases",
+                           "validation_dice": mean, "command": command, "date": time.strftime("%Y-%m-%d")}
+    _atomic_write(card_path, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
+    print(f"post-processing recorded in {card_path}")
+    return card["postprocess"]
 
 
 def _record(model_dir: Path, root: Path, list_name: str, resolution: str, n: int, summary: dict, command):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import GMSError
 from .normalization import apply_range, intensity_range
+from .postprocess import apply_postprocess
 
 
 class Cancelled(Exception):
@@ -217,7 +218,8 @@ def slice_order(n: int, stride: int) -> list[int]:
 
 def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size: int = 8,
                   device="cpu", fast: FastDecodeSettings | bool = True, progress=None, cancel=None,
-                  segmenter: SliceSegmenter | None = None, spacing_zyx=None) -> np.ndarray:
+                  segmenter: SliceSegmenter | None = None, spacing_zyx=None,
+                  postprocess: dict | None = None) -> np.ndarray:
     """Segment a (Z, Y, X) scalar or (Z, Y, X, 3) RGB array of raw intensities, slice-wise along ``axis`` (numpy order;
     default: the model card's axis). Returns (Z, Y, X) uint8 label values from the card.
 
@@ -226,6 +228,7 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
     model (a structure must be thinner than ``z_gap_mm`` along the slicing axis to be missed).
 
     ``progress(done, total)`` is called after each batch; ``cancel()`` returning True stops with ``Cancelled``.
+    ``postprocess``: None applies the card's post-processing (see postprocess.py), ``{}`` none, or explicit settings.
     """
     if array.ndim not in (3, 4):
         raise GMSError(f"expected a (Z, Y, X[, C]) array, got shape {array.shape}")
@@ -276,5 +279,6 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
         done += skipped
         if progress:
             progress(done, n)
+    out = apply_postprocess(out, model.card, postprocess)
     seg.stats.seconds += time.perf_counter() - t0
     return np.moveaxis(out, 0, axis)

@@ -57,6 +57,7 @@ class TrainConfig:
     warmup_epochs: int = 5
     dice_samples: int = 2
     latent_noise: float = 0.0
+    select_postprocess: bool = True  # choose none / largest component on the validation cases at the end
     precision: str = "auto"  # auto | bf16 | fp32 (autocast of the LMM and the decoded-Dice term; validation is fp32)
     seed: int = 0
     val_every: int = 1
@@ -380,6 +381,10 @@ def train(cfg: TrainConfig) -> Path:
     final.card["training"]["stopped_early"] = stopped_early
     final.card["training"]["history"] = history
     final.save(out, overwrite=True)
+    if cfg.select_postprocess:
+        from .evaluate import select_postprocess
+
+        select_postprocess(out, root, weights_dir=cfg.weights_dir, device="cpu")
     log(f"done: best validation Dice {best:.4f}; model folder {out}")
     return out
 

@@ -1,0 +1,45 @@
+"""Post-processing of label maps, chosen per model on its validation cases (never on the test list) and stored in the
+model card as ``"postprocess": {"largest_component": true|false, ...}``.
+
+``largest_component``: for every segment keep only its largest connected component (face-connected, in 3D for
+volumes). One lesion per breast-ultrasound image, one hippocampus head and tail per side: stray blobs are errors.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def keep_largest_component(labels: np.ndarray, values) -> np.ndarray:
+    """labels (Z, Y, X) or (Y, X) -> a copy where each value in ``values`` keeps only its largest connected component."""
+    out = labels.copy()
+    for v in values:
+        mask = labels == v
+        if not mask.any():
+            continue
+        comp, n = ndimage.label(mask)
+        if n <= 1:
+            continue
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        out[mask & (comp != int(sizes.argmax()))] = 0
+    return out
+
+
+def postprocess_settings(card: dict) -> dict:
+    pp = card.get("postprocess") or {}
+    return {"largest_component": bool(pp.get("largest_component", False))}
+
+
+def apply_postprocess(labels: np.ndarray, card: dict, settings: dict | None = None) -> np.ndarray:
+    """Apply the card's post-processing (or ``settings``, e.g. ``{}`` for none) to a (Z, Y, X) label map of the card's
+    values, slices along axis 0. A 2D model's components are taken slice by slice (a stack of 2D images is not a
+    volume); a 3D model's in 3D."""
+    s = postprocess_settings(card) if settings is None else settings
+    if s.get("largest_component"):
+        values = [seg["label"] for seg in card.get("segments", [])]
+        if int(card.get("dimension", 3)) == 2 and labels.ndim == 3:
+            labels = np.stack([keep_largest_component(sl, values) for sl in labels])
+        else:
+            labels = keep_largest_component(labels, values)
+    return labels
