@@ -1,5 +1,6 @@
 """``gms evaluate`` on real cases: a table on stdout and a per-case CSV."""
 import csv
+import json
 
 from conftest import run_gms
 
@@ -21,3 +22,22 @@ def test_evaluate_3d_per_label(tiny_model, hippo_dir, tmp_path):
     run_gms("evaluate", hippo_dir, "--model", tiny_model, "--cases", "hippocampus_025", "--csv", out, check=True)
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 1 and rows[0]["label"] == "1"
+
+
+def test_model_resolution_resize_keeps_an_8bit_photo_8bit(shared_dir):
+    """Antialiased resizing overshoots 255 by a hair; the photo normalisation must not then read the image as 16-bit
+    (which once darkened RGB inputs 257-fold at --resolution model)."""
+    from GMSSegmentLib.data import find_image
+    from GMSSegmentLib.evaluate import _resize_image
+    from GMSSegmentLib.imageio import read_image
+    from GMSSegmentLib.normalization import intensity_range
+
+    root = shared_dir / "data" / "kvasir-seg"
+    name = json.loads((root / "split.json").read_text())["val"][0]
+    a = read_image(find_image(root, name)).array
+    r = _resize_image(a, 224)
+    assert r.shape == (1, 224, 224, 3) and r.min() >= a.min() and r.max() <= a.max()
+    assert abs(float(r.mean()) - float(a.mean())) < 1.0
+    assert intensity_range(r, {"mode": "photo"}) == (0.0, 255.0)
+    assert intensity_range(r + 0.5, {"mode": "photo"}) == (0.0, 255.0)  # a resampling overshoot stays 8-bit
+    assert intensity_range(r * 4, {"mode": "photo"}) == (0.0, 65535.0)  # a real 16-bit range does not

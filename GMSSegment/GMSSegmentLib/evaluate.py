@@ -27,7 +27,8 @@ def _resize_image(arr: np.ndarray, size: int) -> np.ndarray:
     t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
     r = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
     r = r[0] if arr.ndim == 3 else r.permute(1, 2, 0)
-    return r.numpy()[None]
+    # antialiased interpolation overshoots; keep the input's value range (an 8-bit photo must stay within 0..255)
+    return np.clip(r.numpy(), float(arr.min()), float(arr.max()))[None]
 
 
 def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution="native", weights_dir=None,

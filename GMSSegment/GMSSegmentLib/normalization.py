@@ -17,7 +17,8 @@ def intensity_range(array: np.ndarray, spec: dict) -> tuple[float, float]:
     """The (low, high) that map to 0 and 1 for this image or volume."""
     mode = spec.get("mode", "photo")
     if mode == "photo":
-        high = 65535.0 if float(np.max(array)) > 255.0 else 255.0
+        # 8-bit unless clearly beyond it: resampled 8-bit images overshoot 255 by a hair (antialiased interpolation)
+        high = 65535.0 if float(np.max(array)) > 256.0 else 255.0
         return 0.0, high
     if mode == "window":
         c, w = float(spec["center"]), float(spec["width"])
