@@ -144,8 +144,8 @@ def cmd_train(args, rep: Reporter) -> int:
         val_fraction=args.val_fraction, max_train=args.max_train, max_val=args.max_val,
         augment_copies=args.augment_copies, epochs=args.epochs, max_minutes=args.max_minutes,
         batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, dice_samples=args.dice_samples,
-        latent_noise=args.latent_noise, precision=args.precision,
-        select_postprocess=not args.no_postprocess_select, seed=args.seed, val_every=args.val_every, cache_dir=args.cache_dir,
+        latent_noise=args.latent_noise, precision=args.precision, select_postprocess=not args.no_postprocess_select,
+        seed=args.seed, val_every=args.val_every, cache_dir=args.cache_dir,
         work_dir=args.work_dir, resume=not args.no_resume, licence=args.licence, citation=args.citation,
         description=args.description)
     train(cfg)

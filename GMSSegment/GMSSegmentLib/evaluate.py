@@ -17,7 +17,7 @@ from . import GMSError
 from .data import detect_layout, find_image, load_mask, read_split, volume_path
 from .imageio import atomic_output, read_image
 from .metrics import label_metrics
-from .model import load_model, resolve_model_path
+from .model import CARD, _atomic_write, load_model, resolve_model_path
 from .pipeline import FastDecodeSettings, SliceSegmenter, pick_device, segment_array
 
 
@@ -52,14 +52,12 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
     train_cases = set(read_split(root).get("train", [])) if (root / "split.json").is_file() else set()
     if list_name != "train" and set(names) & train_cases and m.card.get("training", {}).get("data") == root.name:
         print(f"warning: {len(set(names) & train_cases)} evaluated cases are in the training list")
-    label_values = m.card.get("training", {}).get("label_values") or [s["label"] for s in m.segments]
     seg_labels = [s["label"] for s in m.segments]
     seg_names = {s["label"]: s["name"] for s in m.segments}
     rows = []
     t0 = time.perf_counter()
     for k, name in enumerate(names):
-        pred, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, label_values,
-                                          seg_labels)
+        pred, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size)
         met = label_metrics(pred, gt, seg_labels, spacing)
         for lab_v, v in met.items():
             rows.append({"case": name, "segment": seg_names[lab_v], "label": lab_v, **v,
@@ -81,10 +79,12 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
     return summary
 
 
-def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, batch_size: int, label_values,
-                  seg_labels, postprocess: dict | None = None):
+def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, batch_size: int,
+                  postprocess: dict | None = None):
     """One case -> (prediction, ground truth, spacing or None), both in the card's label values."""
     if layout == "2d":
+        label_values = m.card.get("training", {}).get("label_values") or [s["label"] for s in m.segments]
+        seg_labels = [s["label"] for s in m.segments]
         img = read_image(find_image(root, name))
         gt = load_mask(root, name, label_values)
         arr = img.array
@@ -117,7 +117,6 @@ def validation_cases(card: dict, root: Path) -> list[str]:
 def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=8, command=None) -> dict:
     """Choose the post-processing (none or largest component per segment) on the model's own validation cases, by
     mean Dice (2D at the model's input size, 3D at native resolution), and store the choice in its card."""
-    from .model import _atomic_write
     from .postprocess import apply_postprocess
 
     root = Path(data)
@@ -127,47 +126,46 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     m = load_model(model_dir, weights_dir=weights_dir, device=dev)
     names = validation_cases(m.card, root)
     seg = SliceSegmenter(m, dev, FastDecodeSettings(enabled=True))
-    label_values = m.card.get("training", {}).get("label_values") or [s["label"] for s in m.segments]
     seg_labels = [s["label"] for s in m.segments]
     resolution = "model" if layout == "2d" else "native"
     lcc = {"largest_component": True}
     scores = {"none": [], "largest_component": []}
     for name in names:
-        pred, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, label_values,
-                                          seg_labels, postprocess={})
-        pp = apply_postprocess(pred[None] if layout == "2d" else pred, m.card, lcc)
-        pp = pp[0] if layout == "2d" else pp
-        for key, p in (("none", pred), ("largest_component", pp)):
+        pred, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, postprocess={})
+        # a 2D case is one (Y, X) image, so its components are the image's in either dimension
+        for key, p in (("none", pred), ("largest_component", apply_postprocess(pred, m.card, lcc))):
             met = label_metrics(p, gt, seg_labels, spacing)
             scores[key].append(float(np.mean([v["dice"] for v in met.values()])))
     mean = {k: round(float(np.mean(v)), 4) for k, v in scores.items()}
     choice = mean["largest_component"] > mean["none"]
     print(f"validation ({len(names)} cases, {resolution} resolution) mean Dice: none {mean['none']:.4f}, "
           f"largest component {mean['largest_component']:.4f} -> largest_component = {choice}")
-    card_path = model_dir / "card.json"
+    pp = {"largest_component": choice, "selected_on": f"{len(names)} validation cases",
+          "validation_dice": mean, "command": command, "date": time.strftime("%Y-%m-%d")}
+    _update_card(model_dir, lambda card: card.__setitem__("postprocess", pp))
+    print(f"post-processing recorded in {model_dir / CARD}")
+    return pp
+
+
+def _update_card(model_dir: Path, change) -> None:
+    """Read the model's card, apply ``change(card)`` and write it back atomically."""
+    card_path = model_dir / CARD
     card = json.loads(card_path.read_text())
-    card["postprocess"] = {"largest_component": choice, "selected_on": f"{len(names)} validation cases",
-                           "validation_dice": mean, "command": command, "date": time.strftime("%Y-%m-%d")}
+    change(card)
     _atomic_write(card_path, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
-    print(f"post-processing recorded in {card_path}")
-    return card["postprocess"]
 
 
 def _record(model_dir: Path, root: Path, list_name: str, resolution: str, n: int, summary: dict, command):
     """Write the measured metrics into the model card (and the command that reproduces them)."""
-    from .model import _atomic_write
-
-    card_path = model_dir / "card.json"
-    card = json.loads(card_path.read_text())
     key = f"{root.name}/{list_name}/{resolution}"
-    card.setdefault("metrics", {})[key] = {
+    entry = {
         "cases": n,
         "segments": {k: {m: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
                          for m, v in s.items()} for k, s in summary.items()},
         "command": command, "date": time.strftime("%Y-%m-%d"),
     }
-    _atomic_write(card_path, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
-    print(f"metrics recorded in {card_path} under '{key}'")
+    _update_card(model_dir, lambda card: card.setdefault("metrics", {}).__setitem__(key, entry))
+    print(f"metrics recorded in {model_dir / CARD} under '{key}'")
 
 
 def summarise(rows, seg_names) -> dict:

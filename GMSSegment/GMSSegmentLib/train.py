@@ -240,9 +240,10 @@ def train(cfg: TrainConfig) -> Path:
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else work / "cache"
     t_cache = time.time()
-    cache_existed = (cache_dir / f"train-{key}.safetensors").is_file()
+    train_cache = cache_dir / f"train-{key}.safetensors"
+    cache_existed = train_cache.is_file()
     tr = LatentCache.build(samples_fn, train_names, cfg.augment_copies, foundation, cfg.input_size, codes, cfg.seed,
-                           cache_dir / f"train-{key}.safetensors", log)
+                           train_cache, log)
     va = LatentCache.build(samples_fn, val_names, 1, foundation, cfg.input_size, codes, cfg.seed,
                            cache_dir / f"val-{key}.safetensors", log)
 
@@ -282,7 +283,8 @@ def train(cfg: TrainConfig) -> Path:
                                  "mask_std": mk_std})
     model.attach_foundation(foundation)
 
-    precision = training_precision(torch.device("cpu"), cfg.precision)
+    cpu = torch.device("cpu")
+    precision = training_precision(cpu, cfg.precision)
     model.card["training"]["precision"] = precision
     log(f"training precision {precision} (requested {cfg.precision})")
     opt = torch.optim.AdamW(lmm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -336,7 +338,7 @@ def train(cfg: TrainConfig) -> Path:
             if cfg.latent_noise > 0:
                 keep = (torch.rand(len(idx), 1, 1, 1) < 0.5).float()
                 zi = zi + keep * cfg.latent_noise * torch.randn_like(zi)
-            with train_autocast(torch.device("cpu"), precision):
+            with train_autocast(cpu, precision):
                 outs = lmm(zi.contiguous(memory_format=torch.channels_last))
                 loss = sum(F.mse_loss(o.float(), zm) for o in outs[1:])
                 if cfg.dice_samples > 0:
