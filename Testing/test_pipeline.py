@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from GMSSegmentLib.imageio import read_image
-from GMSSegmentLib.model import load_model
+from GMSSegmentLib.model import load_model, resolve_model_path
 from GMSSegmentLib.pipeline import Cancelled, FastDecodeSettings, SliceSegmenter, classify, segment_array
 
 
@@ -105,6 +105,10 @@ def test_device_selection_and_autocast_policy(monkeypatch):
 
     assert pick_device("cpu").type == "cpu"
     assert isinstance(autocast_for(torch.device("cpu")), contextlib.nullcontext)  # fp32 on the CPU
+    ac = autocast_for(torch.device("cpu"), "bf16")
+    assert isinstance(ac, torch.autocast) and ac.fast_dtype == torch.bfloat16
+    with pytest.raises(GMSError, match="unknown precision"):
+        autocast_for(torch.device("cpu"), "fp8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto").type == "cpu"
     with pytest.raises(GMSError, match="CUDA is not available"):
@@ -116,6 +120,7 @@ def test_device_selection_and_autocast_policy(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     ac = autocast_for(torch.device("cuda"))
     assert isinstance(ac, torch.autocast) and ac.fast_dtype == torch.float16
+    assert isinstance(autocast_for(torch.device("cuda"), "fp32"), contextlib.nullcontext)
 
 
 def test_training_precision_policy(monkeypatch):
@@ -152,3 +157,36 @@ def test_cpu_bf16_detection_reads_cpuinfo():
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo")
     assert cpu_has_fast_bf16() == bool({"amx_bf16", "avx512_bf16"} & set(flags))
+
+
+def test_flip_tta_is_flip_equivariant_and_follows_the_card(busi_dir):
+    """With the 4 flip views the prediction of a flipped image is the flipped prediction (the view set is closed under
+    flips); one view is the plain loop; the card's choice is what segment_array uses by default."""
+    m = load_model(resolve_model_path("busi-lesion"))  # the bundled, fully trained model: real lesions, not an empty prediction
+    img = read_image(busi_dir / "images" / "malignant_5.png").array
+    flipped = img[:, :, ::-1].copy()
+    views4 = SliceSegmenter(m, "cpu", True, tta=4)
+    a = segment_array(m, img, segmenter=views4, postprocess={})
+    b = segment_array(m, flipped, segmenter=views4, postprocess={})[:, :, ::-1]
+    assert a.any()
+    dice = 2 * int((a.astype(bool) & b.astype(bool)).sum()) / int(a.astype(bool).sum() + b.astype(bool).sum())
+    assert dice > 0.999, dice
+    one = segment_array(m, img, segmenter=SliceSegmenter(m, "cpu", True, tta=1), postprocess={})
+    assert not np.array_equal(one, a)  # the views do change the mask at its border
+    m.card["tta"] = {"views": 4}
+    np.testing.assert_array_equal(segment_array(m, img, postprocess={}), a)
+    m.card["tta"] = {"views": 1}
+    np.testing.assert_array_equal(segment_array(m, img, postprocess={}), one)
+    with pytest.raises(Exception, match="1, 2 or 4 views"):
+        SliceSegmenter(m, "cpu", True, tta=3)
+
+
+def test_bf16_inference_agrees_with_fp32_on_real_images(busi_dir):
+    """bf16 autocast on the CPU (gms segment --precision bf16) gives the fp32 masks up to a few border pixels."""
+    m = load_model(resolve_model_path("busi-lesion"))
+    for name in ("benign_3", "malignant_5"):
+        img = read_image(busi_dir / "images" / f"{name}.png").array
+        a = segment_array(m, img, segmenter=SliceSegmenter(m, "cpu", True, tta=1, precision="fp32")).astype(bool)
+        b = segment_array(m, img, segmenter=SliceSegmenter(m, "cpu", True, tta=1, precision="bf16")).astype(bool)
+        assert a.any()
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.99

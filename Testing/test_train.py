@@ -30,11 +30,18 @@ def test_card_is_complete(tiny_model_card, busi_dir):
     assert c["training"]["config"]["dice_samples"] == 1
     from GMSSegmentLib.pipeline import training_precision
     assert c["training"]["precision"] == training_precision(torch.device("cpu"), "auto")  # what actually ran
-    pp = c["postprocess"]  # chosen at the end of training on the 6 validation cases, never on test
-    assert pp["selected_on"] == "6 validation cases" and isinstance(pp["largest_component"], bool)
-    assert pp["largest_component"] == (pp["validation_dice"]["largest_component"] > pp["validation_dice"]["none"])
+    # flip TTA and post-processing chosen together at the end of training on the 6 validation cases, never on test
+    pp, tta = c["postprocess"], c["tta"]
+    assert pp["selected_on"] == tta["selected_on"] == "6 validation cases"
+    assert isinstance(pp["largest_component"], bool) and tta["views"] in (1, 2, 4)
+    table = pp["validation_dice"]
+    assert set(table) == {f"{v}_views/{p}" for v in (1, 2, 4) for p in ("none", "largest_component")}
+    chosen = f"{tta['views']}_views/{'largest_component' if pp['largest_component'] else 'none'}"
+    assert table[chosen] == max(table.values())
     lc = c["training"]["latent_cache"]
     assert lc["entries"] == 24 + 6 and lc["seconds"] > 0 and lc["reused"] is False
+    assert lc["precision"] == c["training"]["precision"]  # training latents encoded in the training precision
+    assert c["training"]["compiled"] is False
 
 
 def test_validation_is_carved_from_train_never_test(busi_dir):
@@ -63,3 +70,23 @@ def test_multiclass_codes_and_probabilities():
     p = soft_probs(torch.from_numpy(img).permute(2, 0, 1)[None], torch.from_numpy(codes))
     assert p.shape == (1, 2, 2, 2)
     assert p[0, 0, 0, 1] > 0.99 and p[0, 1, 1, 0] > 0.99 and p[0, :, 0, 0].max() < 0.01
+
+
+def test_compile_failure_falls_back_to_eager_training(busi_dir, tmp_path, monkeypatch, capsys):
+    """Where torch.compile cannot work (no C++ compiler, e.g. a plain Windows Slicer install) --compile still trains,
+    eagerly, and the card says so. (A real compilation takes minutes here; the full models were trained with it.)"""
+    from conftest import SHARED
+    from GMSSegmentLib.train import train
+
+    def broken_compile(module, **kw):
+        def call(*a, **k):
+            raise RuntimeError("Compiler: cl is not found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    out = train(TrainConfig(data=str(busi_dir), output=str(tmp_path / "m"), max_train=8, max_val=2, augment_copies=1,
+                            epochs=1, warmup_epochs=1, batch_size=4, dice_samples=1, compile=True,
+                            select_postprocess=False, weights_dir=str(SHARED / "models")))
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["compiled"] is False and card["training"]["epochs_run"] == 1
+    assert "torch.compile failed (RuntimeError: Compiler: cl is not found); training eagerly" in capsys.readouterr().out

@@ -88,7 +88,10 @@ def _child(args) -> int:
     model = load_model(resolve_model_path(args.model), weights_dir=args.weights_dir, device=device)
     img = read_image(args.volume)
     ref = args.child == "reference"
-    seg = SliceSegmenter(model, device, FastDecodeSettings(enabled=not ref), channels_last=not ref)
+    # flip test-time augmentation off on both sides: the target compares the same prediction, loop against loop
+    # the reference loop is fp32 whatever --precision says
+    seg = SliceSegmenter(model, device, FastDecodeSettings(enabled=not ref), channels_last=not ref, tta=1,
+                         precision="fp32" if ref else args.precision)
     load_s = time.perf_counter() - t_load
     t0 = time.perf_counter()
     labels = segment_array(model, img.array, axis=args.axis, segmenter=seg,
@@ -111,7 +114,8 @@ def _child(args) -> int:
 def _run_child(kind: str, args, volume: Path, labels_out: Path) -> dict:
     threads = ["--threads", str(args.threads)] if getattr(args, "threads", None) else []
     cmd = [sys.executable, "-m", "GMSSegmentLib", *threads, "benchmark", "--child", kind, "--volume", str(volume),
-           "--labels-out", str(labels_out), "--batch-size", str(args.batch_size), "--device", args.device]
+           "--labels-out", str(labels_out), "--batch-size", str(args.batch_size), "--device", args.device,
+           "--precision", args.precision]
     if args.model:
         cmd += ["--model", str(args.model)]
     if args.weights_dir:

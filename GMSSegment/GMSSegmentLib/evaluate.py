@@ -32,13 +32,14 @@ def _resize_image(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution="native", weights_dir=None,
-             device="auto", batch_size=8, fast=True, limit=None, reporter=None, record=False, command=None) -> dict:
+             device="auto", batch_size=8, fast=True, limit=None, reporter=None, record=False, command=None,
+             precision="auto") -> dict:
     root = Path(data)
     layout = detect_layout(root)
     dev = pick_device(device)
     model_dir = resolve_model_path(model)
     m = load_model(model_dir, weights_dir=weights_dir, device=dev)
-    seg = SliceSegmenter(m, dev, FastDecodeSettings(enabled=fast))
+    seg = SliceSegmenter(m, dev, FastDecodeSettings(enabled=fast), precision=precision)
     if cases:
         names, list_name = list(cases), "given"
     else:
@@ -114,9 +115,11 @@ def validation_cases(card: dict, root: Path) -> list[str]:
     return _split_names(cfg, root, detect_layout(root))[1]
 
 
-def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=8, command=None) -> dict:
-    """Choose the post-processing (none or largest component per segment) on the model's own validation cases, by
-    mean Dice (2D at the model's input size, 3D at native resolution), and store the choice in its card."""
+def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=8, command=None,
+                       views=(1, 2, 4)) -> dict:
+    """Choose the inference options on the model's own validation cases, by mean Dice (2D at the model's input size,
+    3D at native resolution), and store the choice in its card: flip test-time augmentation (1, 2 or 4 views) and
+    post-processing (none or largest component per segment). Ties go to the cheaper option (fewer views, none)."""
     from .postprocess import apply_postprocess
 
     root = Path(data)
@@ -125,26 +128,41 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     model_dir = resolve_model_path(model)
     m = load_model(model_dir, weights_dir=weights_dir, device=dev)
     names = validation_cases(m.card, root)
-    seg = SliceSegmenter(m, dev, FastDecodeSettings(enabled=True))
+    segs = {v: SliceSegmenter(m, dev, FastDecodeSettings(enabled=True), tta=v) for v in views}
     seg_labels = [s["label"] for s in m.segments]
     resolution = "model" if layout == "2d" else "native"
     lcc = {"largest_component": True}
-    scores = {"none": [], "largest_component": []}
+    options = [(v, pp) for v in views for pp in ("none", "largest_component")]  # cheapest first
+    scores = {o: [] for o in options}
     for name in names:
-        pred, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, postprocess={})
-        # a 2D case is one (Y, X) image, so its components are the image's in either dimension
-        for key, p in (("none", pred), ("largest_component", apply_postprocess(pred, m.card, lcc))):
-            met = label_metrics(p, gt, seg_labels, spacing)
-            scores[key].append(float(np.mean([v["dice"] for v in met.values()])))
-    mean = {k: round(float(np.mean(v)), 4) for k, v in scores.items()}
-    choice = mean["largest_component"] > mean["none"]
-    print(f"validation ({len(names)} cases, {resolution} resolution) mean Dice: none {mean['none']:.4f}, "
-          f"largest component {mean['largest_component']:.4f} -> largest_component = {choice}")
-    pp = {"largest_component": choice, "selected_on": f"{len(names)} validation cases",
-          "validation_dice": mean, "command": command, "date": time.strftime("%Y-%m-%d")}
-    _update_card(model_dir, lambda card: card.__setitem__("postprocess", pp))
-    print(f"post-processing recorded in {model_dir / CARD}")
-    return pp
+        for v, seg in segs.items():
+            pred, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, postprocess={})
+            # a 2D case is one (Y, X) image, so its components are the image's in either dimension
+            for key, p in (("none", pred), ("largest_component", apply_postprocess(pred, m.card, lcc))):
+                met = label_metrics(p, gt, seg_labels, spacing)
+                scores[(v, key)].append(float(np.mean([v_["dice"] for v_ in met.values()])))
+    mean = {o: round(float(np.mean(s)), 4) for o, s in scores.items()}
+    best = options[0]
+    for o in options[1:]:
+        if mean[o] > mean[best]:
+            best = o
+    print(f"validation ({len(names)} cases, {resolution} resolution) mean Dice:")
+    for o in options:
+        print(f"  {o[0]} view{'s' if o[0] > 1 else ' '}  {o[1]:<18} {mean[o]:.4f}{'  <- chosen' if o == best else ''}")
+    table = {f"{v}_views/{pp}": d for (v, pp), d in mean.items()}
+    common = {"selected_on": f"{len(names)} validation cases", "validation_dice": table, "command": command,
+              "date": time.strftime("%Y-%m-%d")}
+    pp = {"largest_component": best[1] == "largest_component", **common}
+    tta = {"views": best[0], **common}
+
+    def change(card):
+        card["postprocess"] = pp
+        card["tta"] = tta
+
+    _update_card(model_dir, change)
+    print(f"test-time augmentation ({best[0]} view(s)) and post-processing ({best[1]}) recorded in "
+          f"{model_dir / CARD}")
+    return {"postprocess": pp, "tta": tta}
 
 
 def _update_card(model_dir: Path, change) -> None:

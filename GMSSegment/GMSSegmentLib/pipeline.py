@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import GMSError
 from .normalization import apply_range, intensity_range
-from .postprocess import apply_postprocess
+from .postprocess import TTA_FLIPS, apply_postprocess, tta_views
 
 
 class Cancelled(Exception):
@@ -63,11 +63,20 @@ def pick_device(name: str = "auto") -> torch.device:
     raise GMSError(f"unknown device '{name}' (use auto, cpu or cuda)")
 
 
-def autocast_for(device: torch.device):
-    """fp16 autocast on CUDA; plain fp32 on the CPU (these CPUs have no fast half precision)."""
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """Inference autocast. auto: bf16 (else fp16) on CUDA; fp32 on the CPU. ``bf16`` on the CPU: bf16 autocast, fast
+    only on CPUs with AMX / AVX512-BF16 (``gms benchmark --precision bf16`` measures speed and agreement); ``fp32``:
+    none anywhere."""
+    precision = (precision or "auto").lower()
+    if precision not in ("auto", "bf16", "fp32"):
+        raise GMSError(f"unknown precision '{precision}' (use auto, bf16 or fp32)")
+    if precision == "fp32":
+        return contextlib.nullcontext()
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -135,13 +144,20 @@ class SliceSegmenter:
     """Holds a loaded GMS model on a device and segments batches of normalised slices."""
 
     def __init__(self, model, device: torch.device | str = "cpu", fast: FastDecodeSettings | bool = True,
-                 channels_last: bool = True):
+                 channels_last: bool = True, tta: int | None = None, precision: str = "auto"):
+        """``tta``: flip views per slice (1, 2 or 4; see postprocess.py); None = the model card's choice.
+        ``precision``: see autocast_for."""
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
         self.model = model.to(self.device).eval()
         self.channels_last = channels_last
         self.model = self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.fast = fast if isinstance(fast, FastDecodeSettings) else FastDecodeSettings(enabled=bool(fast))
         self.codes = model.codes
+        self.precision = precision
+        autocast_for(self.device, precision)  # an unknown precision fails here, before any work
+        self.tta = tta_views(model.card) if tta is None else int(tta)
+        if self.tta not in TTA_FLIPS:
+            raise GMSError(f"test-time augmentation takes 1, 2 or 4 views, not {tta}")
         self._bg_feature = None
         self.stats = SegmentStats()
 
@@ -159,7 +175,7 @@ class SliceSegmenter:
     @torch.inference_mode()
     def predict_latents(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        with autocast_for(self.device):
+        with autocast_for(self.device, self.precision):
             z = m.foundation.encode(x)
             out = m.lmm(m.norm_image(z.float()), final_only=True)
         return m.denorm_mask(out.float())
@@ -168,7 +184,7 @@ class SliceSegmenter:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Predicted mask latents -> decoded images (B, 3, S, S) in [0, 1]."""
         fnd = self.model.foundation
-        with autocast_for(self.device):
+        with autocast_for(self.device, self.precision):
             if not (self.fast.enabled and hasattr(fnd, "decode_global")):
                 self.stats.decoded_slices += z.shape[0]
                 self.stats.decoded_fraction += z.shape[0]
@@ -201,8 +217,14 @@ class SliceSegmenter:
         x = to_model_input(slices, self.model.input_size, self.device)
         if not self.channels_last:
             x = x.contiguous()
-        z = self.predict_latents(x)
-        dec = self.decode(z)
+        flips = TTA_FLIPS[self.tta]
+        if len(flips) > 1:  # all views in one batch; decoded images flipped back and averaged
+            x = torch.cat([x.flip(d) if d else x for d in flips])
+        dec = self.decode(self.predict_latents(x))
+        if len(flips) > 1:
+            n = slices.shape[0]
+            dec = sum(dec[i * n:(i + 1) * n].flip(d) if d else dec[i * n:(i + 1) * n]
+                      for i, d in enumerate(flips)) / len(flips)
         self.stats.slices += slices.shape[0]
         with torch.inference_mode():
             return classify(dec, self.codes, tuple(slices.shape[1:3])).cpu().numpy()
@@ -219,7 +241,7 @@ def slice_order(n: int, stride: int) -> list[int]:
 def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size: int = 8,
                   device="cpu", fast: FastDecodeSettings | bool = True, progress=None, cancel=None,
                   segmenter: SliceSegmenter | None = None, spacing_zyx=None,
-                  postprocess: dict | None = None) -> np.ndarray:
+                  postprocess: dict | None = None, tta: int | None = None) -> np.ndarray:
     """Segment a (Z, Y, X) scalar or (Z, Y, X, 3) RGB array of raw intensities, slice-wise along ``axis`` (numpy order;
     default: the model card's axis). Returns (Z, Y, X) uint8 label values from the card.
 
@@ -229,6 +251,7 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
 
     ``progress(done, total)`` is called after each batch; ``cancel()`` returning True stops with ``Cancelled``.
     ``postprocess``: None applies the card's post-processing (see postprocess.py), ``{}`` none, or explicit settings.
+    ``tta``: flip views when no ``segmenter`` is given (None = the card's choice, 1 = none).
     """
     if array.ndim not in (3, 4):
         raise GMSError(f"expected a (Z, Y, X[, C]) array, got shape {array.shape}")
@@ -240,7 +263,7 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
         axis = 0  # a 2D image is one slice whatever the card says
     if axis not in (0, 1, 2):
         raise GMSError(f"slicing axis must be 0, 1 or 2, got {axis}")
-    seg = segmenter or SliceSegmenter(model, device, fast)
+    seg = segmenter or SliceSegmenter(model, device, fast, tta=tta)
     lo, hi = intensity_range(array, model.card.get("normalization", {"mode": "photo"}))
     view = np.moveaxis(array, axis, 0)
     n = view.shape[0]

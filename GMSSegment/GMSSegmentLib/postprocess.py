@@ -1,5 +1,9 @@
-"""Post-processing of label maps, chosen per model on its validation cases (never on the test list) and stored in the
-model card as ``"postprocess": {"largest_component": true|false, ...}``.
+"""Inference options chosen per model on its validation cases (never on the test list) and stored in its card:
+
+* ``"postprocess": {"largest_component": true|false, ...}``, applied to label maps (below);
+* ``"tta": {"views": 1|2|4, ...}``, flip test-time augmentation: the slice is also segmented flipped left-right (2
+  views) and up-down and both (4 views) and the decoded images are flipped back and averaged before the mask is
+  taken (SliceSegmenter). Training augments with the same flips, so the views are in the model's distribution.
 
 ``largest_component``: for every segment keep only its largest connected component (face-connected, in 3D for
 volumes). One lesion per breast-ultrasound image, one hippocampus head and tail per side: stray blobs are errors.
@@ -24,6 +28,15 @@ def keep_largest_component(labels: np.ndarray, values) -> np.ndarray:
         sizes[0] = 0
         out[mask & (comp != int(sizes.argmax()))] = 0
     return out
+
+
+TTA_FLIPS = {1: [()], 2: [(), (-1,)], 4: [(), (-1,), (-2,), (-2, -1)]}  # tensor dims flipped per view
+
+
+def tta_views(card: dict) -> int:
+    """Number of flip views the card's validation choice asks for (1 = no test-time augmentation)."""
+    views = int((card.get("tta") or {}).get("views", 1))
+    return views if views in TTA_FLIPS else 1
 
 
 def postprocess_settings(card: dict) -> dict:
