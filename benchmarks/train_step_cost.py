@@ -3,7 +3,10 @@ seconds per training step (batch 8, 32x28x28 latents) with the decoded-Dice term
 bf16 autocast (what `gms train --precision auto` picks on CPUs with AMX / AVX512-BF16), and the cost of encoding the
 batch's images and masks, which the latent cache removes from every epoch.
 
-    python benchmarks/train_step_cost.py [--weights-dir ../shared/models] [--steps 5]
+With --compile it adds the bf16 step with the LMM compiled by torch.compile (what `gms train --compile` runs; the
+compilation itself, minutes, is timed separately).
+
+    python benchmarks/train_step_cost.py [--weights-dir ../shared/models] [--steps 5] [--compile]
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def main():
     ap.add_argument("--weights-dir", default=None)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--compile", action="store_true", help="also time the bf16 step with the LMM compiled")
     a = ap.parse_args()
     fnd = load_foundation("taef2", weights_dir=a.weights_dir).to(memory_format=torch.channels_last)
     for p in fnd.parameters():
@@ -40,23 +44,32 @@ def main():
     target = (torch.rand(8, 1, s, s) > 0.7).float()
     cpu = torch.device("cpu")
     print(f"threads {torch.get_num_threads()}, input {s}x{s}, batch 8, bf16 hardware: {cpu_has_fast_bf16()}")
-    for precision in ("fp32", "bf16"):
-        for d in (0, 2, 8):
-            times = []
-            for i in range(a.steps + 1):
-                t0 = time.perf_counter()
-                with train_autocast(cpu, precision):
-                    outs = lmm(zi)
-                    loss = sum(F.mse_loss(o.float(), zm) for o in outs[1:])
-                    if d:
-                        dec = fnd.decode(outs[-1][:d].float().contiguous(memory_format=torch.channels_last)).float()
-                        loss = loss + dice_loss(dec.mean(1, keepdim=True), target[:d])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if i:  # the first step warms up
-                    times.append(time.perf_counter() - t0)
-            print(f"  {precision} step with decoded Dice on {d} of 8 samples: {sum(times) / len(times):.2f} s")
+    arms = [(p, d, False) for p in ("fp32", "bf16") for d in (0, 2, 8)]
+    if a.compile:
+        arms += [("bf16", 2, True)]
+        compiled = torch.compile(lmm, dynamic=False)
+    for precision, d, comp in arms:
+        net = compiled if comp else lmm
+        times = []
+        for i in range(a.steps + 1):
+            t0 = time.perf_counter()
+            with train_autocast(cpu, precision):
+                outs = net(zi)
+                loss = sum(F.mse_loss(o.float(), zm) for o in outs[1:])
+                if d:
+                    dec = fnd.decode(outs[-1][:d].float().contiguous(memory_format=torch.channels_last)).float()
+                    loss = loss + dice_loss(dec.mean(1, keepdim=True), target[:d])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i:  # the first step warms up (and compiles)
+                times.append(time.perf_counter() - t0)
+            else:
+                first = time.perf_counter() - t0
+        what = f"{precision} step with decoded Dice on {d} of 8 samples"
+        if comp:
+            what += f", LMM compiled (first step with the compilation: {first:.0f} s)"
+        print(f"  {what}: {sum(times) / len(times):.2f} s")
     x = torch.rand(8, 3, s, s).contiguous(memory_format=torch.channels_last)
     for precision in ("fp32", "bf16"):
         with torch.inference_mode(), train_autocast(cpu, precision):
