@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the validation latents and validation stay fp32")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the LMM's training step (about 1.5x faster per step here after a compilation "
-                        "of about 2 minutes; needs a C++ compiler, falls back to eager if compilation fails)")
+                        "of 1-2 minutes; needs a C++ compiler, falls back to eager if compilation fails)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-every", type=int, default=1)
     t.add_argument("--cache-dir", default=None)

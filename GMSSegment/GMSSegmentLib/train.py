@@ -60,7 +60,7 @@ class TrainConfig:
     select_postprocess: bool = True  # choose none / largest component on the validation cases at the end
     precision: str = "auto"  # auto | bf16 | fp32 (autocast of the LMM, the decoded-Dice term and the encoding of the
     #                          training cache; the validation cache and validation itself stay fp32)
-    compile: bool = False  # torch.compile the LMM's training step (needs a C++ compiler; ~1.5x per step, ~2 min compile)
+    compile: bool = False  # torch.compile the LMM's training step (needs a C++ compiler; 1.5x per step here, 1-2 min compile)
     seed: int = 0
     val_every: int = 1
     cache_dir: str | None = None
@@ -243,7 +243,7 @@ def train(cfg: TrainConfig) -> Path:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else work / "cache"
     cpu = torch.device("cpu")
     precision = training_precision(cpu, cfg.precision)
-    # the training latents are encoded in the training precision (bf16: ~3.7x faster here, and they are stored as fp16
+    # the training latents are encoded in the training precision (bf16: 2.5x faster here, and they are stored as fp16
     # anyway); the validation latents in fp32, as inference encodes, so that selection sees what users will get
     t_cache = time.time()
     train_cache = cache_dir / f"train-{key}{'-bf16' if precision == 'bf16' else ''}.safetensors"
