@@ -63,13 +63,19 @@ def pick_device(name: str = "auto") -> torch.device:
     raise GMSError(f"unknown device '{name}' (use auto, cpu or cuda)")
 
 
+def _precision_name(precision: str | None) -> str:
+    """'auto', 'bf16' or 'fp32' (case-insensitive; None = auto); anything else is a clear error."""
+    precision = (precision or "auto").lower()
+    if precision not in ("auto", "bf16", "fp32"):
+        raise GMSError(f"unknown precision '{precision}' (use auto, bf16 or fp32)")
+    return precision
+
+
 def autocast_for(device: torch.device, precision: str = "auto"):
     """Inference autocast. auto: bf16 (else fp16) on CUDA; fp32 on the CPU. ``bf16`` on the CPU: bf16 autocast, fast
     only on CPUs with AMX / AVX512-BF16 (``gms benchmark --precision bf16`` measures speed and agreement); ``fp32``:
     none anywhere."""
-    precision = (precision or "auto").lower()
-    if precision not in ("auto", "bf16", "fp32"):
-        raise GMSError(f"unknown precision '{precision}' (use auto, bf16 or fp32)")
+    precision = _precision_name(precision)
     if precision == "fp32":
         return contextlib.nullcontext()
     if device.type == "cuda":
@@ -96,9 +102,7 @@ def cpu_has_fast_bf16() -> bool:
 def training_precision(device: torch.device, precision: str = "auto") -> str:
     """'bf16' or 'fp32' for training. auto: bf16 on CUDA with bf16 support and on CPUs with bf16 hardware (AMX or
     AVX512-BF16: a default training step 1.7x faster here), fp32 elsewhere (AVX2 CPUs emulate bf16 slowly)."""
-    precision = (precision or "auto").lower()
-    if precision not in ("auto", "bf16", "fp32"):
-        raise GMSError(f"unknown precision '{precision}' (use auto, bf16 or fp32)")
+    precision = _precision_name(precision)
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -153,8 +157,7 @@ class SliceSegmenter:
         self.model = self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.fast = fast if isinstance(fast, FastDecodeSettings) else FastDecodeSettings(enabled=bool(fast))
         self.codes = model.codes
-        self.precision = precision
-        autocast_for(self.device, precision)  # an unknown precision fails here, before any work
+        self.precision = _precision_name(precision)  # an unknown precision fails here, before any work
         self.tta = tta_views(model.card) if tta is None else int(tta)
         if self.tta not in TTA_FLIPS:
             raise GMSError(f"test-time augmentation takes 1, 2 or 4 views, not {tta}")

@@ -3,7 +3,8 @@
 * ``"postprocess": {"largest_component": true|false, ...}``, applied to label maps (below);
 * ``"tta": {"views": 1|2|4, ...}``, flip test-time augmentation: the slice is also segmented flipped left-right (2
   views) and up-down and both (4 views) and the decoded images are flipped back and averaged before the mask is
-  taken (SliceSegmenter). Training augments with the same flips, so the views are in the model's distribution.
+  taken (SliceSegmenter). The augmented training copies (``augment_copies`` > 1) include the same flips; a model
+  trained without them can fail on flipped views, which its validation score then shows (hippocampus: 0.83 -> 0.27).
 
 ``largest_component``: for every segment keep only its largest connected component (face-connected, in 3D for
 volumes). One lesion per breast-ultrasound image, one hippocampus head and tail per side: stray blobs are errors.

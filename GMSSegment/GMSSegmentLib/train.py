@@ -117,8 +117,8 @@ class LatentCache:
             with torch.inference_mode(), train_autocast(torch.device("cpu"), precision):
                 x = torch.cat(pend_i).contiguous(memory_format=torch.channels_last)
                 y = to_model_input(np.stack(pend_m), size, "cpu")
-                imgs.append(foundation.encode(x).float().to(torch.float16))
-                masks.append(foundation.encode(y).float().to(torch.float16))
+                imgs.append(foundation.encode(x).to(torch.float16))
+                masks.append(foundation.encode(y).to(torch.float16))
             pend_i.clear()
             pend_m.clear()
 
