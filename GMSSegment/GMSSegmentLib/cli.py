@@ -144,7 +144,7 @@ def cmd_train(args, rep: Reporter) -> int:
         val_fraction=args.val_fraction, max_train=args.max_train, max_val=args.max_val,
         augment_copies=args.augment_copies, epochs=args.epochs, max_minutes=args.max_minutes,
         batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, dice_samples=args.dice_samples,
-        latent_noise=args.latent_noise, precision=args.precision, compile=args.compile,
+        latent_noise=args.latent_noise, precision=args.precision, compile=args.compile, ema=args.ema,
         select_postprocess=not args.no_postprocess_select,
         seed=args.seed, val_every=args.val_every, cache_dir=args.cache_dir,
         work_dir=args.work_dir, resume=not args.no_resume, licence=args.licence, citation=args.citation,
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dice-samples", type=int, default=2,
                    help="samples per batch whose decoded Dice loss is back-propagated through the decoder (0 = off)")
     t.add_argument("--latent-noise", type=float, default=0.0)
+    t.add_argument("--ema", type=float, default=0.0,
+                   help="validate, select and save an exponential moving average of the weights with this decay "
+                        "(e.g. 0.999; 0 = off, the last step's weights)")
     t.add_argument("--no-postprocess-select", action="store_true",
                    help="do not choose the post-processing on the validation cases at the end")
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",

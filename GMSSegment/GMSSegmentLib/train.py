@@ -6,10 +6,13 @@ Cost design for 2 CPU cores (the paper's recipe spends most of its time in the f
 * the latent MSE loss (deep supervision on heads 2-4, as the reference) is computed for the whole batch, the decoded
   Dice term, which back-propagates through the frozen decoder, only for ``dice_samples`` samples of each batch on the
   final head;
-* model selection on a validation part carved from the training list (never the test list), by decoded Dice.
+* model selection on a validation part carved from the training list (never the test list), by decoded Dice;
+  with ``ema`` the validated and saved weights are an exponential moving average of the trained ones (smoother than
+  the last step's weights in a short, noisy schedule).
 """
 from __future__ import annotations
 
+from copy import deepcopy
 import hashlib
 import json
 import math
@@ -60,6 +63,7 @@ class TrainConfig:
     select_postprocess: bool = True  # choose none / largest component on the validation cases at the end
     precision: str = "auto"  # auto | bf16 | fp32 (autocast of the LMM, the decoded-Dice term and the encoding of the
     #                          training cache; the validation cache and validation itself stay fp32)
+    ema: float = 0.0  # > 0: validate, select and save an exponential moving average of the weights with this decay
     compile: bool = False  # torch.compile the LMM's training step (needs a C++ compiler; 1.5x per step here, 1-2 min compile)
     seed: int = 0
     val_every: int = 1
@@ -287,7 +291,13 @@ def train(cfg: TrainConfig) -> Path:
         "citation": cfg.citation,
         "metrics": {},
     }
-    model = GMSModel(card, lmm, {"image_mean": im_mean, "image_std": im_std, "mask_mean": mk_mean,
+    # with EMA the model that is validated and saved holds the averaged copy; the optimiser trains ``lmm``
+    ema_lmm = None
+    if cfg.ema > 0:
+        if not 0 < cfg.ema < 1:
+            raise GMSError(f"--ema must be in (0, 1), got {cfg.ema}")
+        ema_lmm = deepcopy(lmm).requires_grad_(False)
+    model = GMSModel(card, ema_lmm if ema_lmm is not None else lmm, {"image_mean": im_mean, "image_std": im_std, "mask_mean": mk_mean,
                                  "mask_std": mk_std})
     model.attach_foundation(foundation)
 
@@ -325,6 +335,8 @@ def train(cfg: TrainConfig) -> Path:
         opt.load_state_dict(state["opt"])
         start_epoch, best = int(state["epoch"]), float(state["best"])
         history = json.loads(state["history"]) if "history" in state else []
+        if ema_lmm is not None:
+            ema_lmm.load_state_dict(state["ema"] if "ema" in state else state["lmm"])
         log(f"resumed from {ckpt} at epoch {start_epoch} (best validation Dice {best:.4f})")
     t_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
 
@@ -377,6 +389,10 @@ def train(cfg: TrainConfig) -> Path:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema_lmm is not None:  # bias-corrected start: the average follows the weights closely at first
+                decay = min(cfg.ema, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema_lmm.parameters()), list(lmm.parameters()), 1 - decay)
             losses.append(loss.item())
             step += 1
         elapsed = time.time() - t_start
@@ -396,8 +412,11 @@ def train(cfg: TrainConfig) -> Path:
                 rec["saved"] = True
         history.append(rec)
         log(json.dumps(rec))
-        torch.save({"lmm": lmm.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "best": best,
-                    "history": json.dumps(history)}, work / "last.tmp")
+        state = {"lmm": lmm.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "best": best,
+                 "history": json.dumps(history)}
+        if ema_lmm is not None:
+            state["ema"] = ema_lmm.state_dict()
+        torch.save(state, work / "last.tmp")
         os.replace(work / "last.tmp", ckpt)
         if over_time:
             log(f"time budget of {cfg.max_minutes} min reached after epoch {epoch + 1}")
