@@ -115,6 +115,7 @@ class GMSSegmentParameterNode:
     modelPath - the GMS model folder (card.json + model.safetensors).
     device - where the worker runs the model.
     axis - slicing axis override (numpy K/J/I order).
+    testTimeAugmentation - use the model card's test-time augmentation (chosen on validation; slower).
     outputSegmentation - existing segmentation to add segments to; None creates a new node each run.
     """
 
@@ -122,6 +123,7 @@ class GMSSegmentParameterNode:
     modelPath: pathlib.Path
     device: Device = Device.AUTO
     axis: SlicingAxis = SlicingAxis.MODEL
+    testTimeAugmentation: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -351,6 +353,7 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "model": _pathOrNone(p.modelPath),
             "device": p.device.value,
             "axis": p.axis.axisIndex(),
+            "tta": bool(p.testTimeAugmentation),
             "weightsDir": _pathOrNone(self.ui.weightsPathLineEdit.currentPath),
         }
 

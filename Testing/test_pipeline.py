@@ -6,7 +6,10 @@ from PIL import Image
 
 from GMSSegmentLib.imageio import read_image
 from GMSSegmentLib.model import load_model, resolve_model_path
-from GMSSegmentLib.pipeline import Cancelled, FastDecodeSettings, SliceSegmenter, classify, segment_array
+from GMSSegmentLib.normalization import apply_range, intensity_range
+from GMSSegmentLib.pipeline import (Cancelled, FastDecodeSettings, SliceSegmenter, classify, segment_array,
+                                    to_model_input)
+from GMSSegmentLib.postprocess import second_scale, tta_scales
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +182,42 @@ def test_flip_tta_is_flip_equivariant_and_follows_the_card(busi_dir):
     np.testing.assert_array_equal(segment_array(m, img, postprocess={}), one)
     with pytest.raises(Exception, match="1, 2 or 4 views"):
         SliceSegmenter(m, "cpu", True, tta=3)
+
+
+def test_multiscale_tta_averages_the_decoded_images_of_two_input_sizes(busi_dir):
+    """Multi-scale test-time augmentation: the decoded image at the second input size (256 for a 224 model) is resized
+    to the model's size and averaged with the first before the mask is taken; the card's choice is the default,
+    ``tta=1`` (gms segment --no-tta) turns it off, and sizes that the foundation model cannot take are refused."""
+    assert second_scale(224) == 256 and second_scale(96) == 112 and second_scale(8) == 16
+    m = load_model(resolve_model_path("busi-lesion"))
+    img = read_image(busi_dir / "images" / "malignant_5.png").array
+    both = SliceSegmenter(m, "cpu", True, tta=1, scales=[224, 256])
+    ms = segment_array(m, img, segmenter=both, postprocess={})
+    one = segment_array(m, img, segmenter=SliceSegmenter(m, "cpu", True, tta=1), postprocess={})
+    big = segment_array(m, img, segmenter=SliceSegmenter(m, "cpu", True, tta=1, scales=[256]), postprocess={})
+    assert ms.any() and one.any() and big.any()
+    assert not np.array_equal(one, big)  # the second size is a different view of the image
+    # the same average computed by hand from the two full decodes
+    ref = SliceSegmenter(m, "cpu", False, tta=1)
+    lo, hi = intensity_range(img, m.card["normalization"])
+    x = apply_range(img, lo, hi)
+    with torch.inference_mode():
+        d224 = ref.decode(ref.predict_latents(to_model_input(x, 224, "cpu")))
+        d256 = ref.decode(ref.predict_latents(to_model_input(x, 256, "cpu")))
+        avg = (d224 + torch.nn.functional.interpolate(d256, size=(224, 224), mode="bilinear", align_corners=False)) / 2
+        by_hand = classify(avg, m.codes, img.shape[1:3]).numpy()[0].astype(bool)
+    got = ms[0].astype(bool)
+    assert 2 * (got & by_hand).sum() / (got.sum() + by_hand.sum()) > 0.999  # the fast decode crops, the hand one not
+    # the card's choice is the default; tta=1 is the plain single view whatever the card says
+    m.card["tta"] = {"views": 1, "scales": [224, 256]}
+    assert tta_scales(m.card) == [224, 256]
+    np.testing.assert_array_equal(segment_array(m, img, postprocess={}), ms)
+    np.testing.assert_array_equal(segment_array(m, img, segmenter=SliceSegmenter(m, "cpu", True, tta=1),
+                                                postprocess={}), one)
+    del m.card["tta"]
+    assert tta_scales(m.card) == [224]
+    with pytest.raises(Exception, match="multiples of 8"):
+        SliceSegmenter(m, "cpu", True, scales=[224, 250])
 
 
 def test_bf16_inference_agrees_with_fp32_on_real_images(busi_dir):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,27 +227,33 @@ def cli_reference(busi_images, hippocampus_file, weights_dir, tmp_path_factory):
     cache: dict[str, dict] = {}
 
     def reference(model) -> dict:
-        if str(model) in cache:
-            return cache[str(model)]
-        out = tmp_path_factory.mktemp("cli")
-        inputs = [busi_images["rgb"], busi_images["gray"], hippocampus_file]
-        cmd = [sys.executable, "-m", "GMSSegmentLib", "segment", *map(str, inputs), "-o", str(out), "--format",
-               ".nrrd", "--model", str(model), "--device", "cpu", "--weights-dir", weights_dir, "--progress", "none"]
-        proc = subprocess.run(cmd, env=L.workerEnvironment(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        result = {}
-        for path in inputs:
-            name = Path(path).name
-            stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-            written = out / f"{stem}_gms.nrrd"
-            assert written.is_file(), sorted(os.listdir(out))
-            img = sitk.ReadImage(str(written))
-            arr = sitk.GetArrayFromImage(img)
-            result[str(path)] = arr[np.newaxis] if img.GetDimension() == 2 else arr
-        cache[str(model)] = result
-        return result
+        if str(model) not in cache:
+            inputs = [busi_images["rgb"], busi_images["gray"], hippocampus_file]
+            cache[str(model)] = cli_segment(inputs, model, weights_dir, tmp_path_factory.mktemp("cli"))
+        return cache[str(model)]
 
     return reference
+
+
+def cli_segment(inputs, model, weights_dir, out: Path, extra=()) -> dict:
+    """{input file: (K, J, I) labels} as ``python -m GMSSegmentLib segment`` writes them into the folder ``out`` (one
+    run for all inputs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "GMSSegmentLib", "segment", *map(str, inputs), "-o", str(out), "--format",
+           ".nrrd", "--model", str(model), "--device", "cpu", "--weights-dir", weights_dir, "--progress", "none",
+           *extra]
+    proc = subprocess.run(cmd, env=L.workerEnvironment(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = {}
+    for path in inputs:
+        name = Path(path).name
+        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+        written = out / f"{stem}_gms.nrrd"
+        assert written.is_file(), sorted(os.listdir(out))
+        img = sitk.ReadImage(str(written))
+        arr = sitk.GetArrayFromImage(img)
+        result[str(path)] = arr[np.newaxis] if img.GetDimension() == 2 else arr
+    return result
 
 
 @pytest.fixture
@@ -345,6 +352,29 @@ def test_hippocampus_volume(scene, logic, temp_root, hippocampus_file, model, we
     matrix, _ = reference_geometry(job.segmentationNodes[0])
     np.testing.assert_allclose(matrix, expected, atol=1e-5)
     assert os.listdir(temp_root) == []
+
+
+def test_test_time_augmentation_switch_reaches_the_worker(scene, logic, busi_images, two_segment_model, weights_dir,
+                                                         tmp_path):
+    """The module's 'Test-time augmentation' box. On: the worker uses the card's choice (here two input sizes, as
+    chosen for busi-lesion); off: it runs one plain pass (--no-tta). Each result is what the command line writes with
+    the same switch, and the two differ."""
+    folder = tmp_path / "two-scales"
+    shutil.copytree(two_segment_model, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card["tta"] = {"views": 1, "scales": [224, 256]}
+    (folder / "card.json").write_text(json.dumps(card))
+    results = {}
+    for tta in (True, False):
+        volume = L.addVolumeNodeFromFile(scene, busi_images["gray"])
+        job = logic.start(volume, str(folder), device="cpu", weightsDir=weights_dir, tta=tta)
+        assert ("--no-tta" in job.args) == (not tta)
+        job.wait(JOB_TIMEOUT)
+        out = tmp_path / f"cli-{tta}"
+        expected = cli_segment([busi_images["gray"]], folder, weights_dir, out, () if tta else ("--no-tta",))
+        results[tta] = expected[str(busi_images["gray"])]
+        check_result(job, volume, folder, results[tta])
+    assert not np.array_equal(results[True], results[False])
 
 
 # ------------------------------------------------------------------------------------------------ cancel / crash

@@ -34,9 +34,12 @@ def test_card_is_complete(tiny_model_card, busi_dir):
     pp, tta = c["postprocess"], c["tta"]
     assert pp["selected_on"] == tta["selected_on"] == "6 validation cases"
     assert isinstance(pp["largest_component"], bool) and tta["views"] in (1, 2, 4)
+    assert tta["scales"] in ([224], [224, 256])
     table = pp["validation_dice"]
-    assert set(table) == {f"{v}_views/{p}" for v in (1, 2, 4) for p in ("none", "largest_component")}
-    chosen = f"{tta['views']}_views/{'largest_component' if pp['largest_component'] else 'none'}"
+    assert set(table) == {f"{v}_views{sc}/{p}" for v in (1, 2, 4) for sc in ("", "_224+256")
+                          for p in ("none", "largest_component")}
+    sc = "" if tta["scales"] == [224] else "_224+256"
+    chosen = f"{tta['views']}_views{sc}/{'largest_component' if pp['largest_component'] else 'none'}"
     assert table[chosen] == max(table.values())
     lc = c["training"]["latent_cache"]
     assert lc["entries"] == 24 + 6 and lc["seconds"] > 0 and lc["reused"] is False

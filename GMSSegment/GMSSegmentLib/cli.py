@@ -236,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-postprocess", action="store_true",
                    help="skip the model card's post-processing (largest component, if chosen on validation)")
     s.add_argument("--no-tta", action="store_true",
-                   help="skip the model card's flip test-time augmentation (if chosen on validation; 2 or 4 times "
-                        "the model's work per slice)")
+                   help="skip the model card's test-time augmentation (flip views and a second input size, if "
+                        "chosen on validation; 2 to 8 times the model's work per slice)")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     common(s)
     s.set_defaults(func=cmd_segment)
@@ -306,9 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.set_defaults(func=cmd_evaluate)
 
-    pp = sub.add_parser("postprocess", help="choose the inference options (flip test-time augmentation with 1, 2 or 4 "
-                        "views; post-processing none / largest component) on the model's validation cases and store "
-                        "them in its card (gms train does this at its end)")
+    pp = sub.add_parser("postprocess", help="choose the inference options (test-time augmentation with 1, 2 or 4 "
+                        "flip views at the model's input size alone or with a second, larger size; post-processing "
+                        "none / largest component) on the model's validation cases and store them in its card "
+                        "(gms train does this at its end)")
     pp.add_argument("data", help="the data set the model was trained on")
     pp.add_argument("--batch-size", type=int, default=8)
     common(pp, precision=False)

@@ -115,12 +115,19 @@ def validation_cases(card: dict, root: Path) -> list[str]:
     return _split_names(cfg, root, detect_layout(root))[1]
 
 
+def _option_key(views: int, scales: list[int], size: int, pp: str) -> str:
+    """Name of an inference option in the card's validation table: '1_views/none', '2_views_224+256/largest_component'."""
+    sc = "" if scales == [size] else "_" + "+".join(str(s) for s in scales)
+    return f"{views}_views{sc}/{pp}"
+
+
 def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=8, command=None,
-                       views=(1, 2, 4)) -> dict:
+                       views=(1, 2, 4), multiscale=True) -> dict:
     """Choose the inference options on the model's own validation cases, by mean Dice (2D at the model's input size,
-    3D at native resolution), and store the choice in its card: flip test-time augmentation (1, 2 or 4 views) and
-    post-processing (none or largest component per segment). Ties go to the cheaper option (fewer views, none)."""
-    from .postprocess import apply_postprocess
+    3D at native resolution), and store the choice in its card: test-time augmentation (1, 2 or 4 flip views; the
+    model's input size alone or with ``second_scale``) and post-processing (none or largest component per segment).
+    Ties go to the cheaper option (fewer network passes, then none)."""
+    from .postprocess import apply_postprocess, second_scale
 
     root = Path(data)
     layout = detect_layout(root)
@@ -128,40 +135,47 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     model_dir = resolve_model_path(model)
     m = load_model(model_dir, weights_dir=weights_dir, device=dev)
     names = validation_cases(m.card, root)
-    segs = {v: SliceSegmenter(m, dev, FastDecodeSettings(enabled=True), tta=v) for v in views}
+    size = m.input_size
+    scale_sets = [[size]] + ([[size, second_scale(size, int(getattr(m.foundation, "downscale", 8)))]]
+                             if multiscale else [])
+    # cheapest first: the cost of a pass grows with the flip views and the pixels of every input size
+    passes = sorted(((v, sc) for v in views for sc in scale_sets),
+                    key=lambda o: o[0] * sum(s * s for s in o[1]))
+    segs = {(v, tuple(sc)): SliceSegmenter(m, dev, FastDecodeSettings(enabled=True), tta=v, scales=sc)
+            for v, sc in passes}
     seg_labels = [s["label"] for s in m.segments]
     resolution = "model" if layout == "2d" else "native"
     lcc = {"largest_component": True}
-    options = [(v, pp) for v in views for pp in ("none", "largest_component")]  # cheapest first
+    options = [(v, tuple(sc), pp) for v, sc in passes for pp in ("none", "largest_component")]  # cheapest first
     scores = {o: [] for o in options}
     for name in names:
-        for v, seg in segs.items():
+        for (v, sc), seg in segs.items():
             pred, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, postprocess={})
             # a 2D case is one (Y, X) image, so its components are the image's in either dimension
             for key, p in (("none", pred), ("largest_component", apply_postprocess(pred, m.card, lcc))):
                 met = label_metrics(p, gt, seg_labels, spacing)
-                scores[(v, key)].append(float(np.mean([v_["dice"] for v_ in met.values()])))
+                scores[(v, sc, key)].append(float(np.mean([v_["dice"] for v_ in met.values()])))
     mean = {o: round(float(np.mean(s)), 4) for o, s in scores.items()}
     best = options[0]
     for o in options[1:]:
         if mean[o] > mean[best]:
             best = o
+    table = {_option_key(v, list(sc), size, pp): mean[(v, sc, pp)] for v, sc, pp in options}
     print(f"validation ({len(names)} cases, {resolution} resolution) mean Dice:")
     for o in options:
-        print(f"  {o[0]} view{'s' if o[0] > 1 else ' '}  {o[1]:<18} {mean[o]:.4f}{'  <- chosen' if o == best else ''}")
-    table = {f"{v}_views/{pp}": d for (v, pp), d in mean.items()}
+        print(f"  {_option_key(o[0], list(o[1]), size, o[2]):<40} {mean[o]:.4f}{'  <- chosen' if o == best else ''}")
     common = {"selected_on": f"{len(names)} validation cases", "validation_dice": table, "command": command,
               "date": time.strftime("%Y-%m-%d")}
-    pp = {"largest_component": best[1] == "largest_component", **common}
-    tta = {"views": best[0], **common}
+    pp = {"largest_component": best[2] == "largest_component", **common}
+    tta = {"views": best[0], "scales": list(best[1]), **common}
 
     def change(card):
         card["postprocess"] = pp
         card["tta"] = tta
 
     _update_card(model_dir, change)
-    print(f"test-time augmentation ({best[0]} view(s)) and post-processing ({best[1]}) recorded in "
-          f"{model_dir / CARD}")
+    print(f"test-time augmentation ({best[0]} flip view(s), input sizes {list(best[1])}) and post-processing "
+          f"({best[2]}) recorded in {model_dir / CARD}")
     return {"postprocess": pp, "tta": tta}
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import GMSError
 from .normalization import apply_range, intensity_range
-from .postprocess import TTA_FLIPS, apply_postprocess, tta_views
+from .postprocess import TTA_FLIPS, apply_postprocess, tta_scales, tta_views
 
 
 class Cancelled(Exception):
@@ -148,9 +148,11 @@ class SliceSegmenter:
     """Holds a loaded GMS model on a device and segments batches of normalised slices."""
 
     def __init__(self, model, device: torch.device | str = "cpu", fast: FastDecodeSettings | bool = True,
-                 channels_last: bool = True, tta: int | None = None, precision: str = "auto"):
-        """``tta``: flip views per slice (1, 2 or 4; see postprocess.py); None = the model card's choice.
-        ``precision``: see autocast_for."""
+                 channels_last: bool = True, tta: int | None = None, precision: str = "auto",
+                 scales: list[int] | None = None):
+        """``tta``: None = the model card's test-time augmentation (flip views and input sizes, see postprocess.py);
+        1, 2 or 4 = that many flip views at the model's input size only (1: no test-time augmentation).
+        ``scales``: input sizes to average over (overrides the above). ``precision``: see autocast_for."""
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
         self.model = model.to(self.device).eval()
         self.channels_last = channels_last
@@ -161,19 +163,25 @@ class SliceSegmenter:
         self.tta = tta_views(model.card) if tta is None else int(tta)
         if self.tta not in TTA_FLIPS:
             raise GMSError(f"test-time augmentation takes 1, 2 or 4 views, not {tta}")
-        self._bg_feature = None
+        if scales is None:
+            scales = tta_scales(model.card) if tta is None else [model.input_size]
+        mult = int(getattr(model.foundation, "downscale", 8))
+        self.scales = [int(s) for s in scales]
+        if not self.scales or any(s <= 0 or s % mult for s in self.scales):
+            raise GMSError(f"test-time input sizes must be positive multiples of {mult}, got {list(scales)}")
+        self._bg_feature = {}
         self.stats = SegmentStats()
 
     # -- the empty-mask feature used by the fast decoder --------------------------------------------------------------
-    def _background(self) -> tuple[torch.Tensor, float]:
-        """Decoder features of an empty mask (C, h, w), position by position, and their mean norm."""
-        if self._bg_feature is None:
-            s = self.model.input_size
+    def _background(self, s: int) -> tuple[torch.Tensor, float]:
+        """Decoder features of an empty mask at input size ``s`` (C, h, w), position by position, and their mean
+        norm."""
+        if s not in self._bg_feature:
             fnd = self.model.foundation
             z0 = fnd.encode(torch.zeros(1, 3, s, s, device=self.device))
             f0 = fnd.decode_global(z0)[0].float()
-            self._bg_feature = (f0, float(f0.norm(dim=0).mean()) + 1e-6)
-        return self._bg_feature
+            self._bg_feature[s] = (f0, float(f0.norm(dim=0).mean()) + 1e-6)
+        return self._bg_feature[s]
 
     @torch.inference_mode()
     def predict_latents(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,11 +201,11 @@ class SliceSegmenter:
                 self.stats.decoded_fraction += z.shape[0]
                 return fnd.decode(z).float()
             feats = fnd.decode_global(z)
-            f0, scale = self._background()
+            k = int(getattr(fnd, "downscale", 8))
+            s = feats.shape[-1] * k  # the input size these latents came from
+            f0, scale = self._background(s)
             dist = (feats.float() - f0).norm(dim=1) / scale  # B, h, w
             active = dist > self.fast.tau
-            s = self.model.input_size
-            k = s // feats.shape[-1]
             out = torch.zeros(z.shape[0], 3, s, s, device=z.device)
             h, w = feats.shape[-2:]
             for b in range(z.shape[0]):
@@ -217,18 +225,25 @@ class SliceSegmenter:
     def segment_slices(self, slices: np.ndarray) -> np.ndarray:
         """(B, H, W[, 3]) floats in [0, 1] -> (B, H, W) uint8 labels (segment i has label index i+1; the caller maps
         indices to the card's label values)."""
-        x = to_model_input(slices, self.model.input_size, self.device)
-        if not self.channels_last:
-            x = x.contiguous()
+        size = self.model.input_size
         flips = TTA_FLIPS[self.tta]
-        if len(flips) > 1:  # all views in one batch; decoded images flipped back and averaged
-            x = torch.cat([x.flip(d) if d else x for d in flips])
-        dec = self.decode(self.predict_latents(x))
-        if len(flips) > 1:
-            n = slices.shape[0]
-            dec = sum(dec[i * n:(i + 1) * n].flip(d) if d else dec[i * n:(i + 1) * n]
-                      for i, d in enumerate(flips)) / len(flips)
-        self.stats.slices += slices.shape[0]
+        n = slices.shape[0]
+        total = None
+        for s in self.scales:  # each input size: all flip views in one batch, flipped back and averaged
+            x = to_model_input(slices, s, self.device)
+            if not self.channels_last:
+                x = x.contiguous()
+            if len(flips) > 1:
+                x = torch.cat([x.flip(d) if d else x for d in flips])
+            dec = self.decode(self.predict_latents(x))
+            if len(flips) > 1:
+                dec = sum(dec[i * n:(i + 1) * n].flip(d) if d else dec[i * n:(i + 1) * n]
+                          for i, d in enumerate(flips)) / len(flips)
+            if s != size:
+                dec = F.interpolate(dec, size=(size, size), mode="bilinear", align_corners=False)
+            total = dec if total is None else total + dec
+        dec = total / len(self.scales) if len(self.scales) > 1 else total
+        self.stats.slices += n
         with torch.inference_mode():
             return classify(dec, self.codes, tuple(slices.shape[1:3])).cpu().numpy()
 

@@ -1,10 +1,15 @@
 """Inference options chosen per model on its validation cases (never on the test list) and stored in its card:
 
 * ``"postprocess": {"largest_component": true|false, ...}``, applied to label maps (below);
-* ``"tta": {"views": 1|2|4, ...}``, flip test-time augmentation: the slice is also segmented flipped left-right (2
-  views) and up-down and both (4 views) and the decoded images are flipped back and averaged before the mask is
-  taken (SliceSegmenter). The augmented training copies (``augment_copies`` > 1) include the same flips; a model
-  trained without them can fail on flipped views, which its validation score then shows (hippocampus: 0.83 -> 0.27).
+* ``"tta": {"views": 1|2|4, "scales": [224, 256], ...}``, test-time augmentation (SliceSegmenter):
+  - flips: the slice is also segmented flipped left-right (2 views) and up-down and both (4 views), and the decoded
+    images are flipped back and averaged before the mask is taken. The augmented training copies
+    (``augment_copies`` > 1) include the same flips; a model trained without them can fail on flipped views, which its
+    validation score then shows (hippocampus: 0.83 -> 0.27);
+  - scales: the slice is also segmented at a larger input size (``second_scale``: about 8/7 of the model's, 224 ->
+    256, 4 more latent cells a side; the LMM is convolutional with global attention, so it runs at any latent size),
+    the decoded image is resized to the model's size and averaged with the others (busi-lesion validation: 0.7841 at
+    224 alone, 0.7944 at 256 alone, 0.8057 for both). Absent = the model's input size only.
 
 ``largest_component``: for every segment keep only its largest connected component (face-connected, in 3D for
 volumes). One lesion per breast-ultrasound image, one hippocampus head and tail per side: stray blobs are errors.
@@ -38,6 +43,18 @@ def tta_views(card: dict) -> int:
     """Number of flip views the card's validation choice asks for (1 = no test-time augmentation)."""
     views = int((card.get("tta") or {}).get("views", 1))
     return views if views in TTA_FLIPS else 1
+
+
+def second_scale(size: int, multiple: int = 8) -> int:
+    """The extra input size tried by multi-scale test-time augmentation: about 8/7 of ``size``, a multiple of the
+    foundation model's downscale (224 -> 256, 96 -> 112)."""
+    return max(size + multiple, int(round(size * 8 / 7 / multiple)) * multiple)
+
+
+def tta_scales(card: dict) -> list[int]:
+    """Input sizes the card's validation choice asks for (default: the model's input size only)."""
+    size = int(card.get("input_size", 224))
+    return [int(s) for s in ((card.get("tta") or {}).get("scales") or [size])]
 
 
 def postprocess_settings(card: dict) -> dict:

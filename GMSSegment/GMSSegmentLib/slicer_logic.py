@@ -1047,13 +1047,14 @@ class SegmentationLogic:
 
     # -- starting -------------------------------------------------------------------------------------------------
     def start(self, volumeNodes, model: str, device: str = "auto", axis: int | None = None,
-              weightsDir: str | None = None, outputSegmentationNode=None) -> SegmentationJob:
+              weightsDir: str | None = None, outputSegmentationNode=None, tta: bool = True) -> SegmentationJob:
         """Start segmenting one volume node (or a list: one batch worker) and return the running job.
 
         ``model``: model folder or installed model name. ``device``: ``auto``, ``cpu`` or ``cuda``. ``axis``: slicing
         axis 0/1/2 in numpy (K, J, I) order, or None for the model's (a single-slice volume is always sliced across
         its thin axis). ``weightsDir``: local foundation weights folder (offline sites). ``outputSegmentationNode``:
-        existing node to add the new segments to (single volume only); default a new node per volume.
+        existing node to add the new segments to (single volume only); default a new node per volume. ``tta``: use
+        the test-time augmentation in the model card (chosen on validation); False = one plain pass per slice.
 
         Raises ValueError (clear message, scene unchanged, nothing started) for invalid input.
         """
@@ -1116,6 +1117,8 @@ class SegmentationLogic:
             args += ["--model", modelDir, "--device", device, "--progress", "json"]
             if axis is not None:
                 args += ["--axis", str(int(axis))]
+            if not tta:
+                args += ["--no-tta"]
             if weightsDir:
                 args += ["--weights-dir", os.path.abspath(os.path.expanduser(str(weightsDir)))]
             args += list(self.extraWorkerArgs)
