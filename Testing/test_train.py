@@ -65,6 +65,33 @@ def test_resume_continues_from_checkpoint(tiny_model, tmp_path):
     assert state["epoch"] == 4
 
 
+def test_ema_weights_are_validated_saved_and_resumed(busi_dir, tmp_path):
+    """--ema: the model folder holds the moving average (not the last step's weights), the checkpoint keeps both, and a
+    resumed run continues the average from the checkpoint."""
+    from conftest import run_gms
+
+    out = tmp_path / "ema"
+    args = ["--threads", "2", "train", busi_dir, "-o", out, "--segments", "lesion", "--max-train", "8", "--max-val", "2",
+            "--augment-copies", "1", "--warmup-epochs", "1", "--dice-samples", "1", "--ema", "0.9",
+            "--no-postprocess-select"]
+    run_gms(*args, "--epochs", "1", check=True)
+    work = tmp_path / "ema.work"
+    state = torch.load(work / "last.pt", weights_only=True)
+    saved = GMSModel.load(out).lmm.state_dict()
+    assert set(state["ema"]) == set(state["lmm"]) == set(saved)
+    # one validation, at epoch 1: the saved model is the average at that point, stored in fp16
+    for k, v in state["ema"].items():
+        torch.testing.assert_close(saved[k].float(), v.float(), atol=2e-3, rtol=1e-3)
+    moved = [k for k in state["lmm"] if not torch.allclose(state["lmm"][k], state["ema"][k], atol=1e-6)]
+    assert len(moved) > len(state["lmm"]) // 2, "the average should lag behind the trained weights"
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["config"]["ema"] == 0.9
+    run_gms(*args, "--epochs", "2", check=True)
+    state2 = torch.load(work / "last.pt", weights_only=True)
+    assert state2["epoch"] == 2 and "resumed from" in (work / "train.log").read_text()
+    assert any(not torch.equal(state2["ema"][k], state["ema"][k]) for k in state["ema"])
+
+
 def test_multiclass_codes_and_probabilities():
     codes = np.array([[1, 1, 0], [0, 1, 1]], np.float32)
     lab = np.array([[0, 1], [2, 0]], np.uint8)
