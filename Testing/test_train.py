@@ -90,6 +90,11 @@ def test_ema_weights_are_validated_saved_and_resumed(busi_dir, tmp_path):
     state2 = torch.load(work / "last.pt", weights_only=True)
     assert state2["epoch"] == 2 and "resumed from" in (work / "train.log").read_text()
     assert any(not torch.equal(state2["ema"][k], state["ema"][k]) for k in state["ema"])
+    # a decay outside [0, 1) is refused before any data is read, encoded or written
+    bad = tmp_path / "bad"
+    p = run_gms(*[bad if a == out else a for a in args], "--epochs", "1", "--ema", "1.5")
+    assert p.returncode == 2 and "--ema must be" in p.stderr, p.stderr[-2000:]
+    assert not bad.exists() and not (tmp_path / "bad.work").exists()
 
 
 def test_multiclass_codes_and_probabilities():

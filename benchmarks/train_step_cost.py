@@ -7,6 +7,9 @@ With --compile it adds the bf16 step with the LMM compiled by torch.compile (wha
 compilation itself, minutes, is timed separately).
 
     python benchmarks/train_step_cost.py [--weights-dir ../shared/models] [--steps 5] [--compile]
+        [--precisions fp32] [--threads 1]
+
+(On a CPU without bf16 hardware the bf16 arms are emulated and slow: ``--precisions fp32`` skips them.)
 """
 from __future__ import annotations
 
@@ -32,7 +35,11 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--compile", action="store_true", help="also time the bf16 step with the LMM compiled")
+    ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: all cores)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     fnd = load_foundation("taef2", weights_dir=a.weights_dir).to(memory_format=torch.channels_last)
     for p in fnd.parameters():
         p.requires_grad_(False)
@@ -44,7 +51,7 @@ def main():
     target = (torch.rand(8, 1, s, s) > 0.7).float()
     cpu = torch.device("cpu")
     print(f"threads {torch.get_num_threads()}, input {s}x{s}, batch 8, bf16 hardware: {cpu_has_fast_bf16()}")
-    arms = [(p, d, False) for p in ("fp32", "bf16") for d in (0, 2, 8)]
+    arms = [(p, d, False) for p in a.precisions for d in (0, 2, 8)]
     if a.compile:
         arms += [("bf16", 2, True)]
         compiled = torch.compile(lmm, dynamic=False)
@@ -71,7 +78,7 @@ def main():
             what += f", LMM compiled (first step with the compilation: {first:.0f} s)"
         print(f"  {what}: {sum(times) / len(times):.2f} s")
     x = torch.rand(8, 3, s, s).contiguous(memory_format=torch.channels_last)
-    for precision in ("fp32", "bf16"):
+    for precision in a.precisions:
         with torch.inference_mode(), train_autocast(cpu, precision):
             fnd.encode(x)
             t0 = time.perf_counter()

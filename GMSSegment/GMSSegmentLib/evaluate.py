@@ -115,9 +115,9 @@ def validation_cases(card: dict, root: Path) -> list[str]:
     return _split_names(cfg, root, detect_layout(root))[1]
 
 
-def _option_key(views: int, scales: list[int], size: int, pp: str) -> str:
+def _option_key(views: int, scales, size: int, pp: str) -> str:
     """Name of an inference option in the card's validation table: '1_views/none', '2_views_224+256/largest_component'."""
-    sc = "" if scales == [size] else "_" + "+".join(str(s) for s in scales)
+    sc = "" if list(scales) == [size] else "_" + "+".join(str(s) for s in scales)
     return f"{views}_views{sc}/{pp}"
 
 
@@ -136,8 +136,7 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     m = load_model(model_dir, weights_dir=weights_dir, device=dev)
     names = validation_cases(m.card, root)
     size = m.input_size
-    scale_sets = [[size]] + ([[size, second_scale(size, int(getattr(m.foundation, "downscale", 8)))]]
-                             if multiscale else [])
+    scale_sets = [[size]] + ([[size, second_scale(size, m.foundation.downscale)]] if multiscale else [])
     # cheapest first: the cost of a pass grows with the flip views and the pixels of every input size
     passes = sorted(((v, sc) for v in views for sc in scale_sets),
                     key=lambda o: o[0] * sum(s * s for s in o[1]))
@@ -160,10 +159,10 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     for o in options[1:]:
         if mean[o] > mean[best]:
             best = o
-    table = {_option_key(v, list(sc), size, pp): mean[(v, sc, pp)] for v, sc, pp in options}
+    table = {_option_key(*o[:2], size, o[2]): mean[o] for o in options}
     print(f"validation ({len(names)} cases, {resolution} resolution) mean Dice:")
     for o in options:
-        print(f"  {_option_key(o[0], list(o[1]), size, o[2]):<40} {mean[o]:.4f}{'  <- chosen' if o == best else ''}")
+        print(f"  {_option_key(*o[:2], size, o[2]):<40} {mean[o]:.4f}{'  <- chosen' if o == best else ''}")
     common = {"selected_on": f"{len(names)} validation cases", "validation_dice": table, "command": command,
               "date": time.strftime("%Y-%m-%d")}
     pp = {"largest_component": best[2] == "largest_component", **common}

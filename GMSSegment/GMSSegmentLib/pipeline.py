@@ -165,7 +165,7 @@ class SliceSegmenter:
             raise GMSError(f"test-time augmentation takes 1, 2 or 4 views, not {tta}")
         if scales is None:
             scales = tta_scales(model.card) if tta is None else [model.input_size]
-        mult = int(getattr(model.foundation, "downscale", 8))
+        mult = model.foundation.downscale
         self.scales = [int(s) for s in scales]
         if not self.scales or any(s <= 0 or s % mult for s in self.scales):
             raise GMSError(f"test-time input sizes must be positive multiples of {mult}, got {list(scales)}")
@@ -201,7 +201,7 @@ class SliceSegmenter:
                 self.stats.decoded_fraction += z.shape[0]
                 return fnd.decode(z).float()
             feats = fnd.decode_global(z)
-            k = int(getattr(fnd, "downscale", 8))
+            k = fnd.downscale
             s = feats.shape[-1] * k  # the input size these latents came from
             f0, scale = self._background(s)
             dist = (feats.float() - f0).norm(dim=1) / scale  # B, h, w
@@ -242,7 +242,7 @@ class SliceSegmenter:
             if s != size:
                 dec = F.interpolate(dec, size=(size, size), mode="bilinear", align_corners=False)
             total = dec if total is None else total + dec
-        dec = total / len(self.scales) if len(self.scales) > 1 else total
+        dec = total / len(self.scales)
         self.stats.slices += n
         with torch.inference_mode():
             return classify(dec, self.codes, tuple(slices.shape[1:3])).cpu().numpy()

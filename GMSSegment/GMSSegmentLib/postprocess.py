@@ -9,7 +9,8 @@
   - scales: the slice is also segmented at a larger input size (``second_scale``: about 8/7 of the model's, 224 ->
     256, 4 more latent cells a side; the LMM is convolutional with global attention, so it runs at any latent size),
     the decoded image is resized to the model's size and averaged with the others (busi-lesion validation: 0.7841 at
-    224 alone, 0.7944 at 256 alone, 0.8057 for both). Absent = the model's input size only.
+    224 alone, 0.7944 at 256 alone, 0.8057 for both; benchmarks/tta_scales_trial.py). Absent = the model's input size
+    only.
 
 ``largest_component``: for every segment keep only its largest connected component (face-connected, in 3D for
 volumes). One lesion per breast-ultrasound image, one hippocampus head and tail per side: stray blobs are errors.

@@ -12,12 +12,12 @@ Cost design for 2 CPU cores (the paper's recipe spends most of its time in the f
 """
 from __future__ import annotations
 
-from copy import deepcopy
 import hashlib
 import json
 import math
 import os
 import time
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -211,6 +211,8 @@ def _split_names(cfg: TrainConfig, root: Path, layout: str):
 def train(cfg: TrainConfig) -> Path:
     from .autoencoders import foundation_fingerprint, load_foundation
 
+    if not 0 <= cfg.ema < 1:  # checked before any data is read or encoded
+        raise GMSError(f"--ema must be 0 (off) or a decay in (0, 1), got {cfg.ema}")
     root = Path(cfg.data)
     layout = detect_layout(root)
     out = Path(cfg.output)
@@ -292,13 +294,9 @@ def train(cfg: TrainConfig) -> Path:
         "metrics": {},
     }
     # with EMA the model that is validated and saved holds the averaged copy; the optimiser trains ``lmm``
-    ema_lmm = None
-    if cfg.ema > 0:
-        if not 0 < cfg.ema < 1:
-            raise GMSError(f"--ema must be in (0, 1), got {cfg.ema}")
-        ema_lmm = deepcopy(lmm).requires_grad_(False)
-    model = GMSModel(card, ema_lmm if ema_lmm is not None else lmm, {"image_mean": im_mean, "image_std": im_std, "mask_mean": mk_mean,
-                                 "mask_std": mk_std})
+    ema_lmm = deepcopy(lmm).requires_grad_(False) if cfg.ema > 0 else None
+    model = GMSModel(card, ema_lmm if ema_lmm is not None else lmm,
+                     {"image_mean": im_mean, "image_std": im_std, "mask_mean": mk_mean, "mask_std": mk_std})
     model.attach_foundation(foundation)
 
     model.card["training"]["precision"] = precision
