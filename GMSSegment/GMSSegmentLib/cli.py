@@ -51,6 +51,7 @@ def cmd_segment(args, rep: Reporter) -> int:
 
     from .imageio import output_format, read_image, write_labels
     from .model import load_model, resolve_model_path
+    from .orientation import to_model_orientation
     from .pipeline import Cancelled, FastDecodeSettings, SliceSegmenter, pick_device, segment_array
 
     if args.jobs:
@@ -96,8 +97,13 @@ def cmd_segment(args, rep: Reporter) -> int:
                     rep.start(total, desc=name, input=job["input"], **extra)
                 rep.progress(done, total, **extra)
 
+            direction = img.geometry.direction if img.geometry.dimension == 3 else None
+            reo = to_model_orientation(model.card, direction, img.array.shape)
+            if reo is not None:
+                rep.log(f"{name}: stored in {reo.source} orientation, segmented in the model's {reo.target} "
+                        "(axes permuted/flipped, no resampling); the output keeps the input's grid")
             labels = segment_array(model, img.array, axis=args.axis, batch_size=args.batch_size,
-                                   spacing_zyx=img.geometry.spacing_zyx,
+                                   spacing_zyx=img.geometry.spacing_zyx, direction=direction,
                                    segmenter=segmenter, progress=progress,
                                    postprocess={} if args.no_postprocess else None)
             rep.close_bar()
@@ -230,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "the others")
     s.add_argument("--format", default=None, help="output extension for outputs named automatically")
     s.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
-                   help="slicing axis in numpy (z, y, x) order (default: the model card's)")
+                   help="slicing axis in numpy (z, y, x) order, after any reorientation to the model card's "
+                        "orientation (default: the card's axis)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--no-fast", action="store_true", help="decode every slice fully (the reference loop)")
     s.add_argument("--no-postprocess", action="store_true",

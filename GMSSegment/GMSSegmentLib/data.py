@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import GMSError
 from .normalization import apply_range, intensity_range
+from .orientation import orientation_code, reorientation
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -76,10 +77,26 @@ def volume_path(root: Path, sub: str, case: str) -> Path:
     raise GMSError(f"no volume for case '{case}' in {root / sub}")
 
 
-def load_3d(root: Path, case: str, normalization: dict, axis: int = 0, label_values=(1, 2)) -> list[Sample]:
-    """All slices of one case along ``axis`` of the (z, y, x) array."""
-    img = sitk.GetArrayFromImage(sitk.ReadImage(str(volume_path(root, "imagesTr", case)))).astype(np.float32)
+def volume_orientation(root: Path, case: str) -> str | None:
+    """Orientation code (see orientation.py) of a case's image, read from its header only."""
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(volume_path(root, "imagesTr", case)))
+    r.ReadImageInformation()
+    return orientation_code(r.GetDirection()) if r.GetDimension() == 3 else None
+
+
+def load_3d(root: Path, case: str, normalization: dict, axis: int = 0, label_values=(1, 2),
+            orientation: str | None = None) -> list[Sample]:
+    """All slices of one case along ``axis`` of the (z, y, x) array, after permuting/flipping the volume into
+    ``orientation`` when one is given (the model's; a volume too oblique to name is used as stored)."""
+    img_s = sitk.ReadImage(str(volume_path(root, "imagesTr", case)))
+    img = sitk.GetArrayFromImage(img_s).astype(np.float32)
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(volume_path(root, "labelsTr", case))))
+    if orientation:
+        source = orientation_code(img_s.GetDirection())
+        if source is not None:
+            r = reorientation(source, orientation)
+            img, lab = np.ascontiguousarray(r.apply(img)), np.ascontiguousarray(r.apply(lab))
     lo, hi = intensity_range(img, normalization)
     img = np.moveaxis(apply_range(img, lo, hi), axis, 0)
     lab = np.moveaxis(lab, axis, 0)

@@ -98,7 +98,7 @@ def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, b
     img = read_image(volume_path(root, "imagesTr", name))
     gt = read_image(volume_path(root, "labelsTr", name)).array.astype(np.int32)
     pred = segment_array(m, img.array, batch_size=batch_size, segmenter=seg, spacing_zyx=img.geometry.spacing_zyx,
-                         postprocess=postprocess)
+                         postprocess=postprocess, direction=img.geometry.direction)
     return pred, gt, img.geometry.spacing_zyx
 
 

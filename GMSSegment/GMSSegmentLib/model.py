@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from . import GMSError
 from .lmm import LatentMappingModel, LMMConfig
+from .orientation import check_code
 # model folders by path or name (no torch needed; shared with the Slicer side)
 from .modelpaths import CARD, DEFAULT_MODEL, find_models, resolve_model_path  # noqa: F401
 
@@ -128,6 +129,11 @@ class GMSModel(torch.nn.Module):
         for key in ("segments", "input_size", "foundation", "lmm", "normalization"):
             if key not in card:
                 raise GMSError(f"model card {card_path} lacks '{key}'")
+        if card.get("orientation") is not None:
+            try:
+                card["orientation"] = check_code(card["orientation"])
+            except GMSError as e:
+                raise GMSError(f"model card {card_path}: {e}") from None
         try:
             tensors = load_file(str(weights_path))
         except Exception as e:  # safetensors raises its own error types

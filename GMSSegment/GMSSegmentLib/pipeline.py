@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import GMSError
 from .normalization import apply_range, intensity_range
+from .orientation import to_model_orientation
 from .postprocess import TTA_FLIPS, apply_postprocess, tta_scales, tta_views
 
 
@@ -259,7 +260,8 @@ def slice_order(n: int, stride: int) -> list[int]:
 def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size: int = 8,
                   device="cpu", fast: FastDecodeSettings | bool = True, progress=None, cancel=None,
                   segmenter: SliceSegmenter | None = None, spacing_zyx=None,
-                  postprocess: dict | None = None, tta: int | None = None) -> np.ndarray:
+                  postprocess: dict | None = None, tta: int | None = None,
+                  direction=None) -> np.ndarray:
     """Segment a (Z, Y, X) scalar or (Z, Y, X, 3) RGB array of raw intensities, slice-wise along ``axis`` (numpy order;
     default: the model card's axis). Returns (Z, Y, X) uint8 label values from the card.
 
@@ -270,6 +272,9 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
     ``progress(done, total)`` is called after each batch; ``cancel()`` returning True stops with ``Cancelled``.
     ``postprocess``: None applies the card's post-processing (see postprocess.py), ``{}`` none, or explicit settings.
     ``tta``: flip views when no ``segmenter`` is given (None = the card's choice, 1 = none).
+    ``direction``: the volume's row-major 3x3 ITK direction matrix. When the card records the training volumes'
+    orientation (see orientation.py), the array is first permuted and flipped into it (``axis`` then counts in that
+    orientation) and the labels are mapped back onto the input's grid.
     """
     if array.ndim not in (3, 4):
         raise GMSError(f"expected a (Z, Y, X[, C]) array, got shape {array.shape}")
@@ -282,6 +287,10 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
     if axis not in (0, 1, 2):
         raise GMSError(f"slicing axis must be 0, 1 or 2, got {axis}")
     seg = segmenter or SliceSegmenter(model, device, fast, tta=tta)
+    reo = to_model_orientation(model.card, direction, array.shape)
+    if reo is not None:
+        array = reo.apply(array)
+        spacing_zyx = reo.spacing(spacing_zyx) if spacing_zyx is not None else None
     lo, hi = intensity_range(array, model.card.get("normalization", {"mode": "photo"}))
     view = np.moveaxis(array, axis, 0)
     n = view.shape[0]
@@ -322,4 +331,5 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
             progress(done, n)
     out = apply_postprocess(out, model.card, postprocess)
     seg.stats.seconds += time.perf_counter() - t0
-    return np.moveaxis(out, 0, axis)
+    out = np.moveaxis(out, 0, axis)
+    return reo.undo(out) if reo is not None else out

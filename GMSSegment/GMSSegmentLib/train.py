@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from . import GMSError, __version__
 from .augment import augment_pair
-from .data import detect_layout, load_2d, load_3d, read_split
+from .data import detect_layout, load_2d, load_3d, read_split, volume_orientation
 from .lmm import LatentMappingModel, LMMConfig
 from .model import GMSModel, make_segments
 from .pipeline import classify, to_model_input, train_autocast, training_precision
@@ -223,6 +224,8 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     n_seg = len(cfg.segments)
+    train_names, val_names = _split_names(cfg, root, layout)
+    orientation = None
     if layout == "2d":
         label_values = cfg.label_values or ([255] if n_seg == 1 else list(range(1, n_seg + 1)))
         norm = cfg.normalization or {"mode": "photo"}
@@ -230,7 +233,14 @@ def train(cfg: TrainConfig) -> Path:
     else:
         label_values = cfg.label_values or list(range(1, n_seg + 1))
         norm = cfg.normalization or {"mode": "percentile", "low": 0.5, "high": 99.5}
-        samples_fn = lambda n: load_3d(root, n, norm, cfg.axis, label_values)  # noqa: E731
+        # the training volumes' orientation (the most common one; the others are permuted/flipped into it) is
+        # recorded in the card, and inference brings every input volume into it
+        found = Counter(volume_orientation(root, n) for n in train_names)
+        named = sorted(((c, k) for k, c in found.items() if k), key=lambda t: (-t[0], t[1]))
+        orientation = named[0][1] if named else None
+        if len(found) > 1:
+            log(f"training volumes in several orientations {dict(found)}: all brought into {orientation}")
+        samples_fn = lambda n: load_3d(root, n, norm, cfg.axis, label_values, orientation)  # noqa: E731
     if len(label_values) != n_seg:
         raise GMSError(f"{n_seg} segment names but {len(label_values)} label values")
     segments = make_segments(cfg.segments, labels=list(range(1, n_seg + 1)) if layout == "3d" else None)
@@ -238,13 +248,13 @@ def train(cfg: TrainConfig) -> Path:
         for s, v in zip(segments, label_values):
             s["label"] = int(v)
     codes = np.array([s["code"] for s in segments], np.float32)
-    train_names, val_names = _split_names(cfg, root, layout)
     log(f"data {root} ({layout}): {len(train_names)} train, {len(val_names)} validation cases; segments {cfg.segments}")
 
     foundation = load_foundation(cfg.foundation, weights_dir=cfg.weights_dir)
     foundation = foundation.to(memory_format=torch.channels_last)
     key_src = json.dumps([str(root.resolve()), train_names, val_names, cfg.augment_copies, cfg.seed, cfg.input_size,
-                          cfg.foundation, norm, label_values, cfg.axis, layout], sort_keys=True)
+                          cfg.foundation, norm, label_values, cfg.axis, layout]
+                         + ([orientation] if orientation else []), sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else work / "cache"
     cpu = torch.device("cpu")
@@ -280,6 +290,7 @@ def train(cfg: TrainConfig) -> Path:
         "input_size": cfg.input_size,
         "normalization": norm,
         "axis": cfg.axis,
+        **({"orientation": orientation} if orientation else {}),
         "dimension": 2 if layout == "2d" else 3,
         "segments": segments,
         "training": {"data": str(root.name), "layout": layout, "train_cases": len(train_names),
