@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 from conftest import MODULE_DIR, run_gms
 from GMSSegmentLib import GMSError
+from GMSSegmentLib.metrics import dice
 from GMSSegmentLib.orientation import check_code, orientation_code, reorientation, to_model_orientation
 
 CASE = "hippocampus_025"  # a case of the evaluation (val) list, never trained on
@@ -22,10 +23,6 @@ TRANSFORMS = [(order, flips) for order in itertools.permutations(range(3))
 def _transformed(img: sitk.Image, order, flips) -> sitk.Image:
     """The same physical image stored with another axis order and direction (SimpleITK adjusts the geometry)."""
     return sitk.Flip(sitk.PermuteAxes(img, list(order)), list(flips))
-
-
-def _dice(a, b):
-    return 2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
 
 
 def test_codes_and_reorientation_agree_with_simpleitk_geometry(hippo_dir):
@@ -109,9 +106,9 @@ def test_bundled_hippocampus_segments_any_stored_orientation_alike(hippo_dir, tm
     gt_moved = sitk.GetArrayFromImage(_transformed(gt, order, flips))
     blind_arr = sitk.GetArrayFromImage(sitk.ReadImage(str(outs["blind"])))
     for label in (1, 2):
-        ok = _dice(expect == label, gt_moved == label)
+        ok = dice(expect == label, gt_moved == label)
         assert ok > 0.75, (label, ok)
-        assert _dice(blind_arr == label, gt_moved == label) < ok - 0.25
+        assert dice(blind_arr == label, gt_moved == label) < ok - 0.25
 
 
 def test_train_records_the_orientation_and_brings_volumes_into_it(hippo_dir, tmp_path):

@@ -22,15 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
 from GMSSegmentLib.data import find_image, load_mask  # noqa: E402
 from GMSSegmentLib.evaluate import _resize_image, validation_cases  # noqa: E402
 from GMSSegmentLib.imageio import read_image  # noqa: E402
+from GMSSegmentLib.metrics import dice  # noqa: E402
 from GMSSegmentLib.model import load_model, resolve_model_path  # noqa: E402
 from GMSSegmentLib.normalization import apply_range, intensity_range  # noqa: E402
 from GMSSegmentLib.pipeline import SliceSegmenter, to_model_input  # noqa: E402
 from GMSSegmentLib.postprocess import keep_largest_component  # noqa: E402
-
-
-def dice(p: np.ndarray, g: np.ndarray) -> float:
-    s = int(p.sum()) + int(g.sum())
-    return 1.0 if s == 0 else 2.0 * int((p & g).sum()) / s
 
 
 def main():

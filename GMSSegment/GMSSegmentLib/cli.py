@@ -51,7 +51,6 @@ def cmd_segment(args, rep: Reporter) -> int:
 
     from .imageio import output_format, read_image, write_labels
     from .model import load_model, resolve_model_path
-    from .orientation import to_model_orientation
     from .pipeline import Cancelled, FastDecodeSettings, SliceSegmenter, pick_device, segment_array
 
     if args.jobs:
@@ -97,14 +96,9 @@ def cmd_segment(args, rep: Reporter) -> int:
                     rep.start(total, desc=name, input=job["input"], **extra)
                 rep.progress(done, total, **extra)
 
-            direction = img.geometry.direction if img.geometry.dimension == 3 else None
-            reo = to_model_orientation(model.card, direction, img.array.shape)
-            if reo is not None:
-                rep.log(f"{name}: stored in {reo.source} orientation, segmented in the model's {reo.target} "
-                        "(axes permuted/flipped, no resampling); the output keeps the input's grid")
             labels = segment_array(model, img.array, axis=args.axis, batch_size=args.batch_size,
-                                   spacing_zyx=img.geometry.spacing_zyx, direction=direction,
-                                   segmenter=segmenter, progress=progress,
+                                   spacing_zyx=img.geometry.spacing_zyx, direction=img.geometry.direction,
+                                   log=lambda msg: rep.log(f"{name}: {msg}"), segmenter=segmenter, progress=progress,
                                    postprocess={} if args.no_postprocess else None)
             rep.close_bar()
             present = [s for s in model.segments if (labels == s["label"]).any()]

@@ -159,10 +159,11 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     for o in options[1:]:
         if mean[o] > mean[best]:
             best = o
-    table = {_option_key(*o[:2], size, o[2]): mean[o] for o in options}
+    keys = {o: _option_key(*o[:2], size, o[2]) for o in options}
+    table = {keys[o]: mean[o] for o in options}
     print(f"validation ({len(names)} cases, {resolution} resolution) mean Dice:")
     for o in options:
-        print(f"  {_option_key(*o[:2], size, o[2]):<40} {mean[o]:.4f}{'  <- chosen' if o == best else ''}")
+        print(f"  {keys[o]:<40} {mean[o]:.4f}{'  <- chosen' if o == best else ''}")
     common = {"selected_on": f"{len(names)} validation cases", "validation_dice": table, "command": command,
               "date": time.strftime("%Y-%m-%d")}
     pp = {"largest_component": best[2] == "largest_component", **common}

@@ -261,7 +261,7 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
                   device="cpu", fast: FastDecodeSettings | bool = True, progress=None, cancel=None,
                   segmenter: SliceSegmenter | None = None, spacing_zyx=None,
                   postprocess: dict | None = None, tta: int | None = None,
-                  direction=None) -> np.ndarray:
+                  direction=None, log=None) -> np.ndarray:
     """Segment a (Z, Y, X) scalar or (Z, Y, X, 3) RGB array of raw intensities, slice-wise along ``axis`` (numpy order;
     default: the model card's axis). Returns (Z, Y, X) uint8 label values from the card.
 
@@ -274,7 +274,7 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
     ``tta``: flip views when no ``segmenter`` is given (None = the card's choice, 1 = none).
     ``direction``: the volume's row-major 3x3 ITK direction matrix. When the card records the training volumes'
     orientation (see orientation.py), the array is first permuted and flipped into it (``axis`` then counts in that
-    orientation) and the labels are mapped back onto the input's grid.
+    orientation) and the labels are mapped back onto the input's grid; ``log(message)``, if given, is told so.
     """
     if array.ndim not in (3, 4):
         raise GMSError(f"expected a (Z, Y, X[, C]) array, got shape {array.shape}")
@@ -289,6 +289,9 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
     seg = segmenter or SliceSegmenter(model, device, fast, tta=tta)
     reo = to_model_orientation(model.card, direction, array.shape)
     if reo is not None:
+        if log is not None:
+            log(f"stored in {reo.source} orientation, segmented in the model's {reo.target} (axes permuted/flipped, "
+                "no resampling); the output keeps the input's grid")
         array = reo.apply(array)
         spacing_zyx = reo.spacing(spacing_zyx) if spacing_zyx is not None else None
     lo, hi = intensity_range(array, model.card.get("normalization", {"mode": "photo"}))
