@@ -71,10 +71,10 @@ class _ThresholdSegmenter(SliceSegmenter):
     """The real slice loop with a transparent stand-in for the network: label 1 where the normalised input > 0.6.
     It lets the test know exactly which slices contain foreground."""
 
-    def segment_slices(self, slices):
+    def decode_slices(self, slices):  # a white "decoded image" (label 1 for the binary model) where > 0.6
         self.stats.slices += slices.shape[0]
         self.seen.extend(slices.reshape(slices.shape[0], -1).max(axis=1).round(6).tolist())
-        return (slices > 0.6).astype(np.uint8)
+        return torch.from_numpy((slices > 0.6).astype(np.float32))[:, None].expand(-1, 3, -1, -1)
 
 
 def test_z_shortcut_skips_only_slices_between_empty_ones(model, hippo_dir):
@@ -229,3 +229,43 @@ def test_bf16_inference_agrees_with_fp32_on_real_images(busi_dir):
         b = segment_array(m, img, segmenter=SliceSegmenter(m, "cpu", True, tta=1, precision="bf16")).astype(bool)
         assert a.any()
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.99
+
+
+def test_z_smoothing_averages_decoded_neighbours_and_variants_share_one_run(hippo_dir, shared_dir):
+    """z smoothing (3D models): the labels are those of each slice's decoded image averaged with its neighbours'
+    ([w, 1 - 2w, w], end slices repeated), computed here by hand from the segmenter's decoded slices of a real MRI;
+    several post-processing variants come from one network run and each equals its own segment_array call."""
+    from GMSSegmentLib.pipeline import segment_array_variants
+
+    m = load_model(resolve_model_path("hippocampus"), weights_dir=shared_dir / "models")
+    img = read_image(hippo_dir / "imagesTr" / "hippocampus_025.nii.gz").array  # stored RAS, as the card's
+    seg = SliceSegmenter(m, "cpu", FastDecodeSettings(enabled=True, z_gap_mm=0), tta=1, scales=[96])
+    lo, hi = intensity_range(img, m.card["normalization"])
+    dec = seg.decode_slices(apply_range(img, lo, hi)).numpy()
+    w = 1 / 3
+    pad = np.concatenate([dec[:1], dec, dec[-1:]])
+    by_hand = (1 - 2 * w) * dec + w * (pad[:-2] + pad[2:])
+    lut = np.array([0, 1, 2], np.uint8)
+    expect = lut[classify(torch.from_numpy(by_hand), m.codes, img.shape[1:]).numpy()]
+    plain_expect = lut[classify(torch.from_numpy(dec), m.codes, img.shape[1:]).numpy()]
+
+    calls = seg.stats.slices
+    variants = [{}, {"z_smooth": w}, {"z_smooth": w, "largest_component": True}]
+    plain, smooth, smooth_lcc = segment_array_variants(m, img, variants, segmenter=seg)
+    assert seg.stats.slices - calls == img.shape[0]  # one network run for the three
+    np.testing.assert_array_equal(plain, plain_expect)
+    np.testing.assert_array_equal(smooth, expect)
+    assert (smooth != plain).sum() > 0  # it does change voxels
+    for v, got in zip(variants, (plain, smooth, smooth_lcc)):
+        np.testing.assert_array_equal(segment_array(m, img, segmenter=seg, postprocess=v), got)
+    with pytest.raises(Exception, match="z_smooth"):
+        segment_array(m, img, segmenter=seg, postprocess={"z_smooth": 0.7})
+
+
+def test_z_smoothing_is_ignored_by_2d_models(model, busi_dir):
+    """A 2D model's stack is not a volume: the smoothing setting leaves its labels alone."""
+    a = read_image(busi_dir / "images" / "benign_3.png").array
+    stack = np.concatenate([a, a[:, ::-1], a[:, :, ::-1]])  # three different slices of one size
+    seg = SliceSegmenter(model, "cpu", True, tta=1)
+    np.testing.assert_array_equal(segment_array(model, stack, segmenter=seg, postprocess={"z_smooth": 1 / 3}),
+                                  segment_array(model, stack, segmenter=seg, postprocess={}))

@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--no-fast", action="store_true", help="decode every slice fully (the reference loop)")
     s.add_argument("--no-postprocess", action="store_true",
-                   help="skip the model card's post-processing (largest component, if chosen on validation)")
+                   help="skip the model card's post-processing (largest component and, for 3D models, smoothing along the "
+                        "slicing axis, where chosen on validation)")
     s.add_argument("--no-tta", action="store_true",
                    help="skip the model card's test-time augmentation (flip views and a second input size, if "
                         "chosen on validation; 2 to 8 times the model's work per slice)")
@@ -309,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("postprocess", help="choose the inference options (test-time augmentation with 1, 2 or 4 "
                         "flip views at the model's input size alone or with a second, larger size; post-processing "
-                        "none / largest component) on the model's validation cases and store them in its card "
+                        "none / largest component, and for 3D models smoothing along the slicing axis) on the model's "
+                        "validation cases and store them in its card "
                         "(gms train does this at its end)")
     pp.add_argument("data", help="the data set the model was trained on")
     pp.add_argument("--batch-size", type=int, default=8)

@@ -18,7 +18,7 @@ from .data import detect_layout, find_image, load_mask, read_split, volume_path
 from .imageio import atomic_output, read_image
 from .metrics import label_metrics
 from .model import CARD, _atomic_write, load_model, resolve_model_path
-from .pipeline import FastDecodeSettings, SliceSegmenter, pick_device, segment_array
+from .pipeline import FastDecodeSettings, SliceSegmenter, pick_device, segment_array_variants
 
 
 def _resize_image(arr: np.ndarray, size: int) -> np.ndarray:
@@ -58,7 +58,7 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
     rows = []
     t0 = time.perf_counter()
     for k, name in enumerate(names):
-        pred, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size)
+        (pred,), gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size)
         met = label_metrics(pred, gt, seg_labels, spacing)
         for lab_v, v in met.items():
             rows.append({"case": name, "segment": seg_names[lab_v], "label": lab_v, **v,
@@ -81,8 +81,9 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
 
 
 def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, batch_size: int,
-                  postprocess: dict | None = None):
-    """One case -> (prediction, ground truth, spacing or None), both in the card's label values."""
+                  variants=(None,)):
+    """One case -> (predictions, ground truth, spacing or None), all in the card's label values: one prediction per
+    post-processing setting in ``variants`` (None: the card's), from one run of the network."""
     if layout == "2d":
         label_values = m.card.get("training", {}).get("label_values") or [s["label"] for s in m.segments]
         seg_labels = [s["label"] for s in m.segments]
@@ -92,14 +93,14 @@ def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, b
         if resolution == "model":
             arr = _resize_image(arr, m.input_size)
             gt = np.asarray(Image.fromarray(gt).resize((m.input_size,) * 2, Image.NEAREST))
-        pred = segment_array(m, arr, batch_size=batch_size, segmenter=seg, postprocess=postprocess)[0]
+        preds = segment_array_variants(m, arr, list(variants), batch_size=batch_size, segmenter=seg)
         # ground truth holds segment indices 1..n; the prediction the card's label values
-        return pred, np.array([0] + seg_labels, np.uint8)[gt], None
+        return [p[0] for p in preds], np.array([0] + seg_labels, np.uint8)[gt], None
     img = read_image(volume_path(root, "imagesTr", name))
     gt = read_image(volume_path(root, "labelsTr", name)).array.astype(np.int32)
-    pred = segment_array(m, img.array, batch_size=batch_size, segmenter=seg, spacing_zyx=img.geometry.spacing_zyx,
-                         postprocess=postprocess, direction=img.geometry.direction)
-    return pred, gt, img.geometry.spacing_zyx
+    preds = segment_array_variants(m, img.array, list(variants), batch_size=batch_size, segmenter=seg,
+                                   spacing_zyx=img.geometry.spacing_zyx, direction=img.geometry.direction)
+    return preds, gt, img.geometry.spacing_zyx
 
 
 def validation_cases(card: dict, root: Path) -> list[str]:
@@ -115,6 +116,12 @@ def validation_cases(card: dict, root: Path) -> list[str]:
     return _split_names(cfg, root, detect_layout(root))[1]
 
 
+def _pp_name(z_smooth: float, largest_component: bool) -> str:
+    """'none', 'largest_component', 'z_smooth_0.25', 'z_smooth_0.333+largest_component'."""
+    parts = ([f"z_smooth_{z_smooth:.3g}"] if z_smooth else []) + (["largest_component"] if largest_component else [])
+    return "+".join(parts) or "none"
+
+
 def _option_key(views: int, scales, size: int, pp: str) -> str:
     """Name of an inference option in the card's validation table: '1_views/none', '2_views_224+256/largest_component'."""
     sc = "" if list(scales) == [size] else "_" + "+".join(str(s) for s in scales)
@@ -125,9 +132,11 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
                        views=(1, 2, 4), multiscale=True) -> dict:
     """Choose the inference options on the model's own validation cases, by mean Dice (2D at the model's input size,
     3D at native resolution), and store the choice in its card: test-time augmentation (1, 2 or 4 flip views; the
-    model's input size alone or with ``second_scale``) and post-processing (none or largest component per segment).
-    Ties go to the cheaper option (fewer network passes, then none)."""
-    from .postprocess import apply_postprocess, second_scale
+    model's input size alone or with ``second_scale``) and post-processing (none or largest component per segment;
+    for 3D models also smoothing along the slicing axis, ``Z_SMOOTH_CHOICES``). The network runs once per case and
+    test-time option; the post-processing settings are all derived from that run. Ties go to the cheaper option
+    (fewer network passes, then no smoothing, then no post-processing)."""
+    from .postprocess import Z_SMOOTH_CHOICES, second_scale
 
     root = Path(data)
     layout = detect_layout(root)
@@ -144,29 +153,32 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
             for v, sc in passes}
     seg_labels = [s["label"] for s in m.segments]
     resolution = "model" if layout == "2d" else "native"
-    lcc = {"largest_component": True}
-    options = [(v, tuple(sc), pp) for v, sc in passes for pp in ("none", "largest_component")]  # cheapest first
+    smooth = Z_SMOOTH_CHOICES if int(m.card.get("dimension", 3)) == 3 else (0.0,)
+    pps = [(z, lc) for z in smooth for lc in (False, True)]  # cheapest first
+    variants = [{"z_smooth": z, "largest_component": lc} for z, lc in pps]
+    options = [(v, tuple(sc), pp) for v, sc in passes for pp in pps]
     scores = {o: [] for o in options}
     for name in names:
         for (v, sc), seg in segs.items():
-            pred, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, postprocess={})
             # a 2D case is one (Y, X) image, so its components are the image's in either dimension
-            for key, p in (("none", pred), ("largest_component", apply_postprocess(pred, m.card, lcc))):
+            preds, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, variants)
+            for pp, p in zip(pps, preds):
                 met = label_metrics(p, gt, seg_labels, spacing)
-                scores[(v, sc, key)].append(float(np.mean([v_["dice"] for v_ in met.values()])))
+                scores[(v, sc, pp)].append(float(np.mean([v_["dice"] for v_ in met.values()])))
     mean = {o: round(float(np.mean(s)), 4) for o, s in scores.items()}
     best = options[0]
     for o in options[1:]:
         if mean[o] > mean[best]:
             best = o
-    keys = {o: _option_key(*o[:2], size, o[2]) for o in options}
+    keys = {o: _option_key(*o[:2], size, _pp_name(*o[2])) for o in options}
     table = {keys[o]: mean[o] for o in options}
     print(f"validation ({len(names)} cases, {resolution} resolution) mean Dice:")
     for o in options:
-        print(f"  {keys[o]:<40} {mean[o]:.4f}{'  <- chosen' if o == best else ''}")
+        print(f"  {keys[o]:<48} {mean[o]:.4f}{'  <- chosen' if o == best else ''}")
     common = {"selected_on": f"{len(names)} validation cases", "validation_dice": table, "command": command,
               "date": time.strftime("%Y-%m-%d")}
-    pp = {"largest_component": best[2] == "largest_component", **common}
+    z_smooth, lc = best[2]
+    pp = {"largest_component": lc, **({"z_smooth": z_smooth} if len(smooth) > 1 else {}), **common}
     tta = {"views": best[0], "scales": list(best[1]), **common}
 
     def change(card):
@@ -175,7 +187,7 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
 
     _update_card(model_dir, change)
     print(f"test-time augmentation ({best[0]} flip view(s), input sizes {list(best[1])}) and post-processing "
-          f"({best[2]}) recorded in {model_dir / CARD}")
+          f"({_pp_name(*best[2])}) recorded in {model_dir / CARD}")
     return {"postprocess": pp, "tta": tta}
 
 

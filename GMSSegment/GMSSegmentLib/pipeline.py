@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from . import GMSError
 from .normalization import apply_range, intensity_range
 from .orientation import to_model_orientation
-from .postprocess import TTA_FLIPS, apply_postprocess, tta_scales, tta_views
+from .postprocess import (TTA_FLIPS, apply_postprocess, postprocess_settings, tta_scales, tta_views, z_smooth_weight,
+                          z_smoothed)
 
 
 class Cancelled(Exception):
@@ -226,6 +227,13 @@ class SliceSegmenter:
     def segment_slices(self, slices: np.ndarray) -> np.ndarray:
         """(B, H, W[, 3]) floats in [0, 1] -> (B, H, W) uint8 labels (segment i has label index i+1; the caller maps
         indices to the card's label values)."""
+        dec = self.decode_slices(slices)
+        with torch.inference_mode():
+            return classify(dec, self.codes, tuple(slices.shape[1:3])).cpu().numpy()
+
+    def decode_slices(self, slices: np.ndarray) -> torch.Tensor:
+        """(B, H, W[, 3]) floats in [0, 1] -> decoded images (B, 3, S, S) at the model's input size, averaged over the
+        test-time views and input sizes (``classify`` turns them into labels)."""
         size = self.model.input_size
         flips = TTA_FLIPS[self.tta]
         n = slices.shape[0]
@@ -243,10 +251,8 @@ class SliceSegmenter:
             if s != size:
                 dec = F.interpolate(dec, size=(size, size), mode="bilinear", align_corners=False)
             total = dec if total is None else total + dec
-        dec = total / len(self.scales)
         self.stats.slices += n
-        with torch.inference_mode():
-            return classify(dec, self.codes, tuple(slices.shape[1:3])).cpu().numpy()
+        return total / len(self.scales)
 
 
 def slice_order(n: int, stride: int) -> list[int]:
@@ -270,12 +276,25 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
     model (a structure must be thinner than ``z_gap_mm`` along the slicing axis to be missed).
 
     ``progress(done, total)`` is called after each batch; ``cancel()`` returning True stops with ``Cancelled``.
-    ``postprocess``: None applies the card's post-processing (see postprocess.py), ``{}`` none, or explicit settings.
+    ``postprocess``: None applies the card's post-processing (see postprocess.py: largest component, and for 3D
+    models smoothing along the slicing axis), ``{}`` none, or explicit settings.
     ``tta``: flip views when no ``segmenter`` is given (None = the card's choice, 1 = none).
     ``direction``: the volume's row-major 3x3 ITK direction matrix. When the card records the training volumes'
     orientation (see orientation.py), the array is first permuted and flipped into it (``axis`` then counts in that
     orientation) and the labels are mapped back onto the input's grid; ``log(message)``, if given, is told so.
     """
+    return segment_array_variants(model, array, [postprocess], axis=axis, batch_size=batch_size, device=device,
+                                  fast=fast, progress=progress, cancel=cancel, segmenter=segmenter,
+                                  spacing_zyx=spacing_zyx, tta=tta, direction=direction, log=log)[0]
+
+
+def segment_array_variants(model, array: np.ndarray, variants: list, axis: int | None = None, batch_size: int = 8,
+                           device="cpu", fast: FastDecodeSettings | bool = True, progress=None, cancel=None,
+                           segmenter: SliceSegmenter | None = None, spacing_zyx=None, tta: int | None = None,
+                           direction=None, log=None) -> list[np.ndarray]:
+    """``segment_array`` for several post-processing settings at the cost of one: the network runs once and each
+    entry of ``variants`` (as ``postprocess`` there) gives one label map. Used to choose the settings on validation
+    cases."""
     if array.ndim not in (3, 4):
         raise GMSError(f"expected a (Z, Y, X[, C]) array, got shape {array.shape}")
     if array.ndim == 4 and array.shape[-1] != 3:
@@ -286,6 +305,8 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
         axis = 0  # a 2D image is one slice whatever the card says
     if axis not in (0, 1, 2):
         raise GMSError(f"slicing axis must be 0, 1 or 2, got {axis}")
+    settings = [postprocess_settings(model.card) if v is None else v for v in variants]
+    weights = [z_smooth_weight(v, model.card) for v in settings]  # a bad weight fails here, before any work
     seg = segmenter or SliceSegmenter(model, device, fast, tta=tta)
     reo = to_model_orientation(model.card, direction, array.shape)
     if reo is not None:
@@ -297,20 +318,30 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
     lo, hi = intensity_range(array, model.card.get("normalization", {"mode": "photo"}))
     view = np.moveaxis(array, axis, 0)
     n = view.shape[0]
-    out = np.zeros(view.shape[:3], np.uint8)
+    out_hw = tuple(view.shape[1:3])
     lut = np.array([0] + [s["label"] for s in model.segments], dtype=np.uint8)
+    # smoothing along the slices needs every slice's decoded image; otherwise each batch is classified at once
+    keep = any(w > 0 for w in weights) and n > 1
+    decoded = None
+    out = np.zeros(view.shape[:3], np.uint8)  # labels of the plain decoding (the z shortcut reads them)
     t0 = time.perf_counter()
     done = 0
     if progress:
         progress(0, n)
 
     def run(indices: list[int]):
-        nonlocal done
+        nonlocal done, decoded
         for b in range(0, len(indices), batch_size):
             if cancel is not None and cancel():
                 raise Cancelled()
             idx = indices[b:b + batch_size]
-            out[idx] = lut[seg.segment_slices(apply_range(view[idx], lo, hi))]  # view[idx] copies only this batch
+            dec = seg.decode_slices(apply_range(view[idx], lo, hi))  # view[idx] copies only this batch
+            if keep:
+                if decoded is None:  # slices never decoded stay black: empty, as the z shortcut decided
+                    decoded = torch.zeros((n,) + tuple(dec.shape[1:]), dtype=dec.dtype)
+                decoded[idx] = dec.cpu()
+            with torch.inference_mode():
+                out[idx] = lut[classify(dec, seg.codes, out_hw).cpu().numpy()]
             done += len(idx)
             if progress:
                 progress(done, n)
@@ -332,7 +363,17 @@ def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size:
         done += skipped
         if progress:
             progress(done, n)
-    out = apply_postprocess(out, model.card, postprocess)
+    results = []
+    for v, w in zip(settings, weights):
+        labels = out
+        if w > 0 and decoded is not None:
+            labels = np.empty_like(out)
+            with torch.inference_mode():
+                for b in range(0, n, batch_size):
+                    dec = z_smoothed(decoded, w, b, min(b + batch_size, n))
+                    labels[b:b + batch_size] = lut[classify(dec, seg.codes, out_hw).numpy()]
+        labels = apply_postprocess(labels, model.card, v)
+        labels = np.moveaxis(labels, 0, axis)
+        results.append(reo.undo(labels) if reo is not None else labels)
     seg.stats.seconds += time.perf_counter() - t0
-    out = np.moveaxis(out, 0, axis)
-    return reo.undo(out) if reo is not None else out
+    return results
