@@ -1,0 +1,90 @@
+"""Which stage of the slice loop costs agreement with fp32 when it runs in bf16 autocast on the CPU: the encoder, the
+LMM, the decoder, or all three (what `--precision bf16` does). For each arm: masks pooled over the images, Dice
+against the fp32 loop's masks, and the loop's seconds. One plain pass (no test-time augmentation, no
+post-processing), the fast decoder on, as `gms benchmark` runs ours. Only meaningful on CPUs with bf16 hardware
+(AMX / AVX512-BF16); elsewhere bf16 is emulated and slow.
+
+    python benchmarks/bf16_stage_agreement.py ../shared/data/busi --model busi-lesion --images 40 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
+
+from GMSSegmentLib.imageio import read_image  # noqa: E402
+from GMSSegmentLib.model import load_model, resolve_model_path  # noqa: E402
+from GMSSegmentLib.pipeline import SliceSegmenter, segment_array  # noqa: E402
+
+ARMS = {"fp32": (), "encoder": ("encoder",), "lmm": ("lmm",), "decoder": ("decoder",),
+        "all (--precision bf16)": ("encoder", "lmm", "decoder")}
+
+
+def _bf16(on: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+class StageSegmenter(SliceSegmenter):
+    """The real slice loop with bf16 autocast on the named stages only."""
+
+    def __init__(self, model, stages, **kw):
+        super().__init__(model, "cpu", True, tta=1, precision="fp32", **kw)
+        self.stages = set(stages)
+
+    @torch.inference_mode()
+    def predict_latents(self, x):
+        m = self.model
+        with _bf16("encoder" in self.stages):
+            z = m.foundation.encode(x)
+        with _bf16("lmm" in self.stages):
+            out = m.lmm(m.norm_image(z.float()), final_only=True)
+        return m.denorm_mask(out.float())
+
+    def decode(self, z):
+        with _bf16("decoder" in self.stages):
+            return super().decode(z)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data", help="a 2D data set (images/ masks/ split.json)")
+    ap.add_argument("--model", default="busi-lesion")
+    ap.add_argument("--list", default="test", help="split.json list whose images are used")
+    ap.add_argument("--images", type=int, default=40, help="the first N images of the list (sorted)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--weights-dir", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    root = Path(args.data)
+    m = load_model(resolve_model_path(args.model), weights_dir=args.weights_dir)
+    names = sorted(json.loads((root / "split.json").read_text())[args.list])[: args.images]
+    segs = {arm: StageSegmenter(m, stages) for arm, stages in ARMS.items()}
+    inter = dict.fromkeys(segs, 0)
+    total = dict.fromkeys(segs, 0)
+    secs = dict.fromkeys(segs, 0.0)
+    for name in names:
+        img = read_image(next((root / "images").glob(f"{name}.*"))).array
+        masks = {}
+        for arm, seg in segs.items():
+            t0 = time.perf_counter()
+            masks[arm] = segment_array(m, img, segmenter=seg, postprocess={}).astype(bool)
+            secs[arm] += time.perf_counter() - t0
+        for arm in segs:
+            inter[arm] += int((masks[arm] & masks["fp32"]).sum())
+            total[arm] += int(masks[arm].sum() + masks["fp32"].sum())
+    print(f"{args.model} on {len(names)} '{args.list}' images of {root}, {args.threads} thread(s), one plain pass")
+    print(f"{'bf16 stages':<24} {'Dice vs fp32':>12} {'seconds':>8}")
+    for arm in segs:
+        print(f"{arm:<24} {2 * inter[arm] / max(total[arm], 1):>12.5f} {secs[arm]:>8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
