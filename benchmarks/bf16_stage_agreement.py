@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
 
+from GMSSegmentLib.data import find_image  # noqa: E402
 from GMSSegmentLib.imageio import read_image  # noqa: E402
 from GMSSegmentLib.model import load_model, resolve_model_path  # noqa: E402
 from GMSSegmentLib.pipeline import SliceSegmenter, segment_array  # noqa: E402
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     total = dict.fromkeys(segs, 0)
     secs = dict.fromkeys(segs, 0.0)
     for name in names:
-        img = read_image(next((root / "images").glob(f"{name}.*"))).array
+        img = read_image(find_image(root, name)).array
         masks = {}
         for arm, seg in segs.items():
             t0 = time.perf_counter()

@@ -224,13 +224,6 @@ class SliceSegmenter:
                 self.stats.decoded_fraction += (y1 - y0) * (x1 - x0) / (h * w)
             return out
 
-    def segment_slices(self, slices: np.ndarray) -> np.ndarray:
-        """(B, H, W[, 3]) floats in [0, 1] -> (B, H, W) uint8 labels (segment i has label index i+1; the caller maps
-        indices to the card's label values)."""
-        dec = self.decode_slices(slices)
-        with torch.inference_mode():
-            return classify(dec, self.codes, tuple(slices.shape[1:3])).cpu().numpy()
-
     def decode_slices(self, slices: np.ndarray) -> torch.Tensor:
         """(B, H, W[, 3]) floats in [0, 1] -> decoded images (B, 3, S, S) at the model's input size, averaged over the
         test-time views and input sizes (``classify`` turns them into labels)."""
