@@ -41,3 +41,36 @@ def test_model_resolution_resize_keeps_an_8bit_photo_8bit(shared_dir):
     assert intensity_range(r, {"mode": "photo"}) == (0.0, 255.0)
     assert intensity_range(r + 0.5, {"mode": "photo"}) == (0.0, 255.0)  # a resampling overshoot stays 8-bit
     assert intensity_range(r * 4, {"mode": "photo"}) == (0.0, 65535.0)  # a real 16-bit range does not
+
+
+def test_evaluate_no_tta_no_postprocess_is_one_plain_pass(busi_dir, shared_dir, tmp_path):
+    """``--no-tta --no-postprocess`` scores one plain pass (what ``gms segment --no-tta --no-postprocess`` writes), not
+    the card's test-time augmentation; ``--record`` files it under its own key and leaves the card's figure alone."""
+    import shutil
+
+    import numpy as np
+    from GMSSegmentLib.data import find_image, load_mask
+    from GMSSegmentLib.imageio import read_image
+    from GMSSegmentLib.model import load_model, resolve_model_path
+    from GMSSegmentLib.pipeline import segment_array
+
+    model = tmp_path / "busi-lesion"
+    shutil.copytree(resolve_model_path("busi-lesion"), model)
+    card = json.loads((model / "card.json").read_text())
+    assert card["tta"]["scales"] != [card["input_size"]]  # the card's choice is not a plain pass
+    cases = ["benign_3", "malignant_3", "benign_10"]
+    scores = {}
+    for flags in ((), ("--no-tta", "--no-postprocess")):
+        out = tmp_path / f"e{len(flags)}.csv"
+        run_gms("evaluate", busi_dir, "--model", model, "--cases", *cases, "--csv", out, "--record", *flags,
+                check=True)
+        scores[flags] = {r["case"]: float(r["dice"]) for r in csv.DictReader(open(out))}
+    metrics = json.loads((model / "card.json").read_text())["metrics"]
+    assert {"busi/given/native", "busi/given/native/no-tta/no-postprocess"} <= set(metrics)
+    assert scores[()] != scores[("--no-tta", "--no-postprocess")]
+    m = load_model(model, weights_dir=shared_dir / "models")
+    for name in cases:
+        pred = segment_array(m, read_image(find_image(busi_dir, name)).array, tta=1, postprocess={})[0] > 0
+        gt = load_mask(busi_dir, name) > 0
+        dice = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
+        assert abs(dice - scores[("--no-tta", "--no-postprocess")][name]) < 1e-6, name

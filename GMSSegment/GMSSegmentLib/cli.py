@@ -159,8 +159,8 @@ def cmd_evaluate(args, rep: Reporter) -> int:
     evaluate(args.model, args.data, list_name=args.list, cases=args.cases, csv_path=args.csv,
              resolution=args.resolution, weights_dir=args.weights_dir, device=args.device,
              batch_size=args.batch_size, fast=not args.no_fast, limit=args.limit, reporter=rep,
-             precision=args.precision, record=args.record,
-             command="gms " + " ".join(sys.argv[1:]) if args.record else None)
+             precision=args.precision, record=args.record, tta=not args.no_tta,
+             postprocess=not args.no_postprocess, command="gms " + " ".join(sys.argv[1:]) if args.record else None)
     return 0
 
 
@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--no-fast", action="store_true")
     e.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    e.add_argument("--no-tta", action="store_true",
+                   help="one plain pass at the model's input size instead of the card's test-time augmentation")
+    e.add_argument("--no-postprocess", action="store_true", help="skip the card's post-processing")
     e.add_argument("--record", action="store_true", help="write the summary into the model card's metrics")
     common(e)
     e.set_defaults(func=cmd_evaluate)
@@ -353,6 +356,10 @@ def main(argv=None) -> int:
     except (KeyboardInterrupt, _Terminated):
         rep.error("cancelled")
         return 130
+    except BrokenPipeError:  # stdout closed by the reader (``gms info busi-lesion | head``): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 141
     except Exception as e:  # an unexpected failure: one line for the user, the traceback for developers
         import traceback
 

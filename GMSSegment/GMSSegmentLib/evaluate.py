@@ -33,13 +33,17 @@ def _resize_image(arr: np.ndarray, size: int) -> np.ndarray:
 
 def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution="native", weights_dir=None,
              device="auto", batch_size=8, fast=True, limit=None, reporter=None, record=False, command=None,
-             precision="auto") -> dict:
+             precision="auto", tta=True, postprocess=True) -> dict:
+    """Metrics of ``model`` on a list of ``data``. ``tta=False``: one plain pass at the model's input size instead of
+    the card's test-time augmentation; ``postprocess=False``: none of the card's post-processing. Both default to
+    the card's choice, which is what ``gms segment`` and Slicer run."""
     root = Path(data)
     layout = detect_layout(root)
     dev = pick_device(device)
     model_dir = resolve_model_path(model)
     m = load_model(model_dir, weights_dir=weights_dir, device=dev)
-    seg = SliceSegmenter(m, dev, FastDecodeSettings(enabled=fast), precision=precision)
+    seg = SliceSegmenter(m, dev, FastDecodeSettings(enabled=fast), precision=precision, tta=None if tta else 1)
+    variants = (None,) if postprocess else ({},)
     if cases:
         names, list_name = list(cases), "given"
     else:
@@ -58,7 +62,7 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
     rows = []
     t0 = time.perf_counter()
     for k, name in enumerate(names):
-        (pred,), gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size)
+        (pred,), gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, variants)
         met = label_metrics(pred, gt, seg_labels, spacing)
         for lab_v, v in met.items():
             rows.append({"case": name, "segment": seg_names[lab_v], "label": lab_v, **v,
@@ -67,7 +71,8 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
             reporter.progress(k + 1, len(names))
     secs = time.perf_counter() - t0
     summary = summarise(rows, seg_names)
-    print_table(rows, summary, model_dir, root, list_name, resolution, len(names), secs)
+    options = ("" if tta else "/no-tta") + ("" if postprocess else "/no-postprocess")
+    print_table(rows, summary, model_dir, root, list_name, resolution + options, len(names), secs)
     if csv_path:
         with atomic_output(csv_path, overwrite=True) as tmp:
             with open(tmp, "w", newline="") as f:
@@ -76,7 +81,7 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
                 w.writerows(rows)
         print(f"per-case metrics written to {csv_path}")
     if record:
-        _record(model_dir, root, list_name, resolution, len(names), summary, command)
+        _record(model_dir, root, list_name, resolution + options, len(names), summary, command)
     return summary
 
 
