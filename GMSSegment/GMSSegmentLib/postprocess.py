@@ -8,9 +8,9 @@
     validation score then shows (hippocampus: 0.83 -> 0.27);
   - scales: the slice is also segmented at a larger input size (``second_scale``: about 8/7 of the model's, 224 ->
     256, 4 more latent cells a side; the LMM is convolutional with global attention, so it runs at any latent size),
-    the decoded image is resized to the model's size and averaged with the others (busi-lesion validation: 0.7841 at
-    224 alone, 0.7944 at 256 alone, 0.8057 for both; benchmarks/tta_scales_trial.py). Absent = the model's input size
-    only.
+    the decoded image is resized to the model's size and averaged with the others (session 3's busi-lesion on its
+    validation part: 0.7841 at 224 alone, 0.7944 at 256 alone, 0.8057 for both; benchmarks/tta_scales_trial.py).
+    Absent = the model's input size only.
 
 ``z_smooth`` (3D models only): weight ``w`` of each neighbouring slice when the decoded images are averaged along the
 slicing axis before the labels are taken, ``[w, 1 - 2w, w]`` (0: off; 0.25: the binomial kernel; 1/3: a three-slice
