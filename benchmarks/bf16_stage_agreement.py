@@ -39,18 +39,8 @@ class StageSegmenter(SliceSegmenter):
         super().__init__(model, "cpu", True, tta=1, precision="fp32", **kw)
         self.stages = set(stages)
 
-    @torch.inference_mode()
-    def predict_latents(self, x):
-        m = self.model
-        with _bf16("encoder" in self.stages):
-            z = m.foundation.encode(x)
-        with _bf16("lmm" in self.stages):
-            out = m.lmm(m.norm_image(z.float()), final_only=True)
-        return m.denorm_mask(out.float())
-
-    def decode(self, z):
-        with _bf16("decoder" in self.stages):
-            return super().decode(z)
+    def _autocast(self, stage):
+        return _bf16(stage in self.stages)
 
 
 def main(argv=None) -> int:

@@ -188,16 +188,22 @@ class SliceSegmenter:
     @torch.inference_mode()
     def predict_latents(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        with autocast_for(self.device, self.precision):
+        with self._autocast("encoder"):
             z = m.foundation.encode(x)
+        with self._autocast("lmm"):
             out = m.lmm(m.norm_image(z.float()), final_only=True)
         return m.denorm_mask(out.float())
+
+    def _autocast(self, stage: str):
+        """The autocast context of one stage of the loop ("encoder", "lmm" or "decoder"): the same for all three
+        here; benchmarks/bf16_stage_agreement.py overrides it to run single stages in bf16."""
+        return autocast_for(self.device, self.precision)
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Predicted mask latents -> decoded images (B, 3, S, S) in [0, 1]."""
         fnd = self.model.foundation
-        with autocast_for(self.device, self.precision):
+        with self._autocast("decoder"):
             if not (self.fast.enabled and hasattr(fnd, "decode_global")):
                 self.stats.decoded_slices += z.shape[0]
                 self.stats.decoded_fraction += z.shape[0]
