@@ -74,3 +74,28 @@ def test_evaluate_no_tta_no_postprocess_is_one_plain_pass(busi_dir, shared_dir, 
         gt = load_mask(busi_dir, name) > 0
         dice = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
         assert abs(dice - scores[("--no-tta", "--no-postprocess")][name]) < 1e-6, name
+
+
+def test_option_choice_pays_for_a_costlier_option_only_when_its_gain_beats_the_noise():
+    """The one-standard-error rule of ``gms postprocess``: options come cheapest first; a costlier option is chosen
+    only when its mean gain over the cheaper one exceeds the paired standard error of the per-case differences."""
+    import numpy as np
+    import pytest
+
+    from GMSSegmentLib import GMSError
+    from GMSSegmentLib.evaluate import choose_option, select_postprocess
+
+    cheap = [0.80, 0.70, 0.90, 0.60]
+    noisy = [a + d for a, d in zip(cheap, [0.03, -0.02, 0.04, -0.03])]  # +0.005 on average, paired SE 0.017
+    chosen, best, se = choose_option(["1 view", "4 views"], {"1 view": cheap, "4 views": noisy})
+    assert best == "4 views" and chosen == "1 view"
+    d = np.subtract(noisy, cheap)
+    assert se["1 view"] == pytest.approx(d.std(ddof=1) / 2) and se["4 views"] == 0.0
+
+    steady = [a + d for a, d in zip(cheap, [0.020, 0.021, 0.019, 0.020])]  # +0.02 on every case
+    assert choose_option(["1 view", "4 views"], {"1 view": cheap, "4 views": steady})[0] == "4 views"
+    # a tie goes to the cheaper option; with one case there is no error estimate and the best mean wins
+    assert choose_option(["a", "b"], {"a": cheap, "b": list(cheap)})[:2] == ("a", "a")
+    assert choose_option(["a", "b"], {"a": [0.5], "b": [0.5001]})[0] == "b"
+    with pytest.raises(GMSError, match="unknown selection rule"):
+        select_postprocess("busi-lesion", "/nonexistent", rule="max")

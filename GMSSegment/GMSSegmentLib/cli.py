@@ -168,7 +168,7 @@ def cmd_postprocess(args, rep: Reporter) -> int:
     from .evaluate import select_postprocess
 
     select_postprocess(args.model, args.data, weights_dir=args.weights_dir, device=args.device,
-                       batch_size=args.batch_size, command="gms " + " ".join(sys.argv[1:]))
+                       batch_size=args.batch_size, rule=args.rule, command="gms " + " ".join(sys.argv[1:]))
     return 0
 
 
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(gms train does this at its end)")
     pp.add_argument("data", help="the data set the model was trained on")
     pp.add_argument("--batch-size", type=int, default=8)
+    pp.add_argument("--rule", choices=("one-se", "best"), default="one-se",
+                    help="one-se (default): the cheapest option within one paired standard error of the best mean "
+                    "Dice (a smaller gain is noise on the validation cases); best: the best mean")
     common(pp, precision=False)
     pp.set_defaults(func=cmd_postprocess)
 

@@ -134,15 +134,18 @@ def _option_key(views: int, scales, size: int, pp: str) -> str:
 
 
 def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=8, command=None,
-                       views=(1, 2, 4), multiscale=True) -> dict:
+                       views=(1, 2, 4), multiscale=True, rule: str = "one-se") -> dict:
     """Choose the inference options on the model's own validation cases, by mean Dice (2D at the model's input size,
     3D at native resolution), and store the choice in its card: test-time augmentation (1, 2 or 4 flip views; the
     model's input size alone or with ``second_scale``) and post-processing (none or largest component per segment;
     for 3D models also smoothing along the slicing axis, ``Z_SMOOTH_CHOICES``). The network runs once per case and
-    test-time option; the post-processing settings are all derived from that run. Ties go to the cheaper option
-    (fewer network passes, then no smoothing, then no post-processing)."""
+    test-time option; the post-processing settings are all derived from that run. The options are ordered by cost
+    (fewer network passes, then no smoothing, then no post-processing) and ``choose_option`` takes the cheapest one
+    within one paired standard error of the best mean (``rule="one-se"``), or the best mean (``rule="best"``)."""
     from .postprocess import Z_SMOOTH_CHOICES, second_scale
 
+    if rule not in SELECTION_RULES:  # before any work
+        raise GMSError(f"unknown selection rule '{rule}' (use {' or '.join(SELECTION_RULES)})")
     root = Path(data)
     layout = detect_layout(root)
     dev = pick_device(device)
@@ -171,16 +174,18 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
                 met = label_metrics(p, gt, seg_labels, spacing)
                 scores[(v, sc, pp)].append(float(np.mean([v_["dice"] for v_ in met.values()])))
     mean = {o: round(float(np.mean(s)), 4) for o, s in scores.items()}
-    best = options[0]
-    for o in options[1:]:
-        if mean[o] > mean[best]:
-            best = o
+    best, top, se = choose_option(options, scores)
+    if rule == "best":
+        best = top
     keys = {o: _option_key(*o[:2], size, _pp_name(*o[2])) for o in options}
     table = {keys[o]: mean[o] for o in options}
-    print(f"validation ({len(names)} cases, {resolution} resolution) mean Dice:")
+    print(f"validation ({len(names)} cases, {resolution} resolution) mean Dice (and the paired standard error of "
+          "its difference to the best):")
     for o in options:
-        print(f"  {keys[o]:<48} {mean[o]:.4f}{'  <- chosen' if o == best else ''}")
-    common = {"selected_on": f"{len(names)} validation cases", "validation_dice": table, "command": command,
+        mark = "  <- chosen" if o == best else ("  <- best mean" if o == top else "")
+        print(f"  {keys[o]:<48} {mean[o]:.4f}  ({se[o]:.4f}){mark}")
+    common = {"selected_on": f"{len(names)} validation cases", "rule": SELECTION_RULES[rule], "validation_dice": table,
+              "validation_se": {keys[o]: round(se[o], 4) for o in options}, "command": command,
               "date": time.strftime("%Y-%m-%d")}
     z_smooth, lc = best[2]
     pp = {"largest_component": lc, **({"z_smooth": z_smooth} if len(smooth) > 1 else {}), **common}
@@ -194,6 +199,31 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     print(f"test-time augmentation ({best[0]} flip view(s), input sizes {list(best[1])}) and post-processing "
           f"({_pp_name(*best[2])}) recorded in {model_dir / CARD}")
     return {"postprocess": pp, "tta": tta}
+
+
+SELECTION_RULES = {"one-se": "the cheapest option whose mean Dice is within one paired standard error of the best mean",
+                   "best": "the best mean Dice (the cheaper option on a tie)"}
+
+
+def choose_option(options: list, scores: dict) -> tuple:
+    """The one-standard-error rule over test-time options. ``options`` are listed cheapest first and ``scores[o]``
+    holds option ``o``'s per-case Dice (the same cases, in the same order, for every option). Returns (chosen, best,
+    se): ``best`` has the highest mean (the cheaper one on a tie), ``se[o]`` is the standard error of the mean of the
+    per-case differences between ``best`` and ``o``, and ``chosen`` is the first (cheapest) option whose mean is at
+    most ``se[o]`` below the best's: a gain smaller than its own noise on the validation cases does not buy a more
+    expensive option. With one case there is no error estimate and the best mean is chosen."""
+    arr = {o: np.asarray(scores[o], dtype=np.float64) for o in options}
+    mean = {o: float(arr[o].mean()) for o in options}
+    best = options[0]
+    for o in options[1:]:
+        if mean[o] > mean[best] + 1e-12:
+            best = o
+    se = {}
+    for o in options:
+        d = arr[best] - arr[o]
+        se[o] = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
+    chosen = next(o for o in options if mean[best] - mean[o] <= se[o] + 1e-12)
+    return chosen, best, se
 
 
 def _update_card(model_dir: Path, change) -> None:
