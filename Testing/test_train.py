@@ -125,3 +125,54 @@ def test_compile_failure_falls_back_to_eager_training(busi_dir, tmp_path, monkey
     card = json.loads((out / "card.json").read_text())
     assert card["training"]["compiled"] is False and card["training"]["epochs_run"] == 1
     assert "torch.compile failed (RuntimeError: Compiler: cl is not found); training eagerly" in capsys.readouterr().out
+
+
+def test_init_from_adapts_a_bundled_model_and_keeps_its_starting_point(busi_dir, tmp_path):
+    """--init-from: training starts from the model's LMM weights and latent statistics (not recomputed from the new
+    data), takes its input size and normalisation, validates the starting point first and keeps it unless training
+    beats it; the card names the model it started from. A mismatching foundation model, or writing over the model
+    itself, is refused before anything is read or written."""
+    import hashlib
+    import shutil
+
+    from conftest import MODULE_DIR, run_gms
+    from GMSSegmentLib.modelpaths import resolve_model_path
+
+    base_dir = resolve_model_path("busi-lesion")
+    base = GMSModel.load(base_dir)
+    out = tmp_path / "adapted"
+    args = ["--threads", "2", "train", busi_dir, "-o", out, "--segments", "lesion", "--init-from", "busi-lesion",
+            "--max-train", "8", "--max-val", "4", "--augment-copies", "1", "--warmup-epochs", "1",
+            "--dice-samples", "1", "--no-postprocess-select"]
+    p = run_gms(*args, "--epochs", "1", "--lr", "0", check=True)
+    assert "the starting point, busi-lesion" in p.stdout
+    card = json.loads((out / "card.json").read_text())
+    hist = card["training"]["history"]
+    assert hist[0]["epoch"] == 0 and hist[0]["saved"] and hist[0]["val_dice"] > 0.4  # a trained model, not noise
+    assert hist[1]["epoch"] == 1 and hist[1]["val_dice"] == hist[0]["val_dice"]  # lr 0: the same weights
+    assert card["metrics"]["validation"]["epoch"] == 0
+    assert card["input_size"] == base.input_size and card["normalization"] == base.card["normalization"]
+    ref = card["training"]["init_from"]
+    assert ref["name"] == "busi-lesion"
+    assert ref["weights_sha256"] == hashlib.sha256((base_dir / "model.safetensors").read_bytes()).hexdigest()
+    adapted = GMSModel.load(out)
+    for k, v in base.lmm.state_dict().items():
+        assert torch.equal(adapted.lmm.state_dict()[k], v), k
+    for k in ("image_mean", "image_std", "mask_mean", "mask_std"):
+        assert torch.equal(getattr(adapted, k), getattr(base, k)), k
+
+    # refused before any data is read or anything written
+    before = (base_dir / "card.json").read_bytes()
+    p = run_gms(*[base_dir if a == out else a for a in args], "--epochs", "1")
+    assert p.returncode == 2 and "is the --init-from model itself" in p.stderr, p.stderr[-2000:]
+    assert (base_dir / "card.json").read_bytes() == before
+    other = tmp_path / "other-foundation"
+    shutil.copytree(base_dir, other)
+    c = json.loads((other / "card.json").read_text())
+    c["foundation"] = {"name": "diffusers-kl", "path": "stabilityai/sd-vae-ft-mse"}
+    (other / "card.json").write_text(json.dumps(c))
+    bad = tmp_path / "bad"
+    p = run_gms(*[bad if a == out else other if a == "busi-lesion" else a for a in args], "--epochs", "1")
+    assert p.returncode == 2 and "trained on the foundation model 'diffusers-kl'" in p.stderr, p.stderr[-2000:]
+    assert not bad.exists() and not (tmp_path / "bad.work").exists()
+    assert MODULE_DIR in base_dir.parents  # the bundled model, untouched above

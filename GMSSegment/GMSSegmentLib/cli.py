@@ -148,7 +148,7 @@ def cmd_train(args, rep: Reporter) -> int:
         select_postprocess=not args.no_postprocess_select,
         seed=args.seed, val_every=args.val_every, cache_dir=args.cache_dir,
         work_dir=args.work_dir, resume=not args.no_resume, licence=args.licence, citation=args.citation,
-        description=args.description)
+        description=args.description, init_from=args.init_from)
     train(cfg)
     return 0
 
@@ -249,9 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", required=True, help="model folder to write")
     t.add_argument("--name")
     t.add_argument("--segments", nargs="+", default=["lesion"], help="segment names, one per label value")
+    t.add_argument("--init-from", metavar="MODEL",
+                   help="adapt a model (installed name or folder) instead of training from scratch: its LMM weights, "
+                   "latent statistics, input size and normalisation are the starting point, which is validated "
+                   "first and kept unless training beats it on the validation cases (a smaller --lr, e.g. 5e-4, "
+                   "suits short adaptations)")
     t.add_argument("--label-values", nargs="+", type=int, default=None,
                    help="mask values of the segments (2D default 255; 3D default 1..n)")
-    t.add_argument("--input-size", type=int, default=224)
+    t.add_argument("--input-size", type=int, default=None,
+                   help="model input size in pixels (default: the --init-from model's, else 224)")
     t.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="slicing axis for 3D data (numpy order)")
     t.add_argument("--normalization", help='JSON, e.g. {"mode": "percentile", "low": 0.5, "high": 99.5}')
     t.add_argument("--foundation", default="taef2", help="taef2, or JSON such as "

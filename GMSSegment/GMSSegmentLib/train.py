@@ -19,7 +19,7 @@ import os
 import time
 from collections import Counter
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,8 @@ from . import GMSError, __version__
 from .augment import augment_pair
 from .data import detect_layout, load_2d, load_3d, read_split, volume_orientation
 from .lmm import LatentMappingModel, LMMConfig
-from .model import GMSModel, make_segments
+from .model import WEIGHTS, GMSModel, make_segments
+from .modelpaths import resolve_model_path
 from .pipeline import classify, to_model_input, train_autocast, training_precision
 
 
@@ -42,7 +43,7 @@ class TrainConfig:
     name: str | None = None
     segments: list[str] = field(default_factory=lambda: ["lesion"])
     label_values: list[int] | None = None  # values in the mask files, one per segment (2D default 255, 3D 1..n)
-    input_size: int = 224
+    input_size: int | None = None  # None: the --init-from model's input size, else 224
     axis: int = 0
     normalization: dict | None = None
     foundation: dict = field(default_factory=lambda: {"name": "taef2"})
@@ -74,6 +75,8 @@ class TrainConfig:
     licence: str | None = None
     citation: str | None = None
     description: str | None = None
+    init_from: str | None = None  # a model (folder or installed name) whose LMM weights and latent statistics start
+    #                               the training: adapting it to new data instead of training from scratch
 
 
 def _log(msg: str, log_file: Path | None = None):
@@ -214,6 +217,10 @@ def train(cfg: TrainConfig) -> Path:
 
     if not 0 <= cfg.ema < 1:  # checked before any data is read or encoded
         raise GMSError(f"--ema must be 0 (off) or a decay in (0, 1), got {cfg.ema}")
+    base, base_ref = _init_model(cfg) if cfg.init_from else (None, None)
+    if cfg.input_size is None or (base is not None and cfg.normalization is None):
+        cfg = replace(cfg, input_size=cfg.input_size or (base.input_size if base is not None else 224),
+                      normalization=cfg.normalization or (base.card.get("normalization") if base is not None else None))
     root = Path(cfg.data)
     layout = detect_layout(root)
     out = Path(cfg.output)
@@ -252,6 +259,15 @@ def train(cfg: TrainConfig) -> Path:
 
     foundation = load_foundation(cfg.foundation, weights_dir=cfg.weights_dir)
     foundation = foundation.to(memory_format=torch.channels_last)
+    fingerprint = foundation_fingerprint(cfg.foundation, cfg.weights_dir)
+    if base is not None:
+        theirs = (base.card.get("foundation") or {}).get("files")
+        if theirs and theirs != fingerprint:  # before the expensive encoding
+            raise GMSError(f"--init-from model '{base.card.get('name')}' was trained on other {cfg.foundation['name']} "
+                           "weights (their SHA-256 differ from the ones loaded here); its latents would not match")
+        if base.lmm.config.latent_channels != foundation.latent_channels:
+            raise GMSError(f"--init-from model '{base.card.get('name')}' maps {base.lmm.config.latent_channels}-channel "
+                           f"latents; {cfg.foundation['name']} has {foundation.latent_channels}")
     key_src = json.dumps([str(root.resolve()), train_names, val_names, cfg.augment_copies, cfg.seed, cfg.input_size,
                           cfg.foundation, norm, label_values, cfg.axis, layout]
                          + ([orientation] if orientation else []), sort_keys=True)
@@ -277,16 +293,23 @@ def train(cfg: TrainConfig) -> Path:
         t = t.float()
         return t.mean(dim=(0, 2, 3)), t.std(dim=(0, 2, 3)).clamp_min(1e-3)
 
-    im_mean, im_std = stats(tr.img)
-    mk_mean, mk_std = stats(tr.mask)
-    lmm = LatentMappingModel(LMMConfig(latent_channels=foundation.latent_channels)).to(memory_format=torch.channels_last)
+    if base is None:
+        im_mean, im_std = stats(tr.img)
+        mk_mean, mk_std = stats(tr.mask)
+        lmm = LatentMappingModel(LMMConfig(latent_channels=foundation.latent_channels))
+    else:  # the starting weights were trained on latents standardised with the base model's statistics: keep them
+        im_mean, im_std, mk_mean, mk_std = (getattr(base, k).flatten()
+                                            for k in ("image_mean", "image_std", "mask_mean", "mask_std"))
+        lmm = LatentMappingModel(LMMConfig.from_dict(base.card["lmm"]))
+        lmm.load_state_dict(base.lmm.state_dict())
+    lmm = lmm.to(memory_format=torch.channels_last)
     card = {
         "name": cfg.name or out.name,
         "version": "1.0",
         "description": cfg.description or f"GMS model for {', '.join(cfg.segments)}",
         "engine_version": __version__,
         "foundation": {**({"name": cfg.foundation} if isinstance(cfg.foundation, str) else cfg.foundation),
-                       "files": foundation_fingerprint(cfg.foundation, cfg.weights_dir)},
+                       "files": fingerprint},
         "input_size": cfg.input_size,
         "normalization": norm,
         "axis": cfg.axis,
@@ -298,6 +321,7 @@ def train(cfg: TrainConfig) -> Path:
                      "latent_cache": {"entries": int(tr.img.shape[0]) + int(va.img.shape[0]),
                                       "seconds": round(cache_s, 1), "reused": cache_existed,
                                       "precision": precision},
+                     **({"init_from": base_ref} if base is not None else {}),
                      "config": {k: v for k, v in asdict(cfg).items() if k not in ("data", "output", "weights_dir",
                                                                                     "cache_dir", "work_dir")}},
         "licence": cfg.licence,
@@ -348,6 +372,16 @@ def train(cfg: TrainConfig) -> Path:
             ema_lmm.load_state_dict(state["ema"] if "ema" in state else state["lmm"])
         log(f"resumed from {ckpt} at epoch {start_epoch} (best validation Dice {best:.4f})")
     t_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
+    if base is not None and start_epoch == 0:
+        # the starting point is validated first and kept unless training beats it on the validation cases
+        best = validate(model, va.img.float(), va.labels, torch.from_numpy(codes), n_seg)
+        model.card["metrics"] = {"validation": {"dice": round(best, 4), "cases": len(val_names), "epoch": 0,
+                                                "note": "decoded at input size, per slice (the --init-from model)"}}
+        model.card["training"]["epochs_run"] = 0
+        model.card["training"]["train_seconds"] = 0.0
+        model.save(out, overwrite=True)
+        history.append({"epoch": 0, "val_dice": best, "elapsed_s": 0.0, "saved": True})
+        log(json.dumps(history[-1]) + f"  (the starting point, {cfg.init_from})")
 
     codes_t = torch.from_numpy(codes)
     tr_img, tr_mask = tr.img.float(), tr.mask.float()
@@ -443,6 +477,24 @@ def train(cfg: TrainConfig) -> Path:
         select_postprocess(out, root, weights_dir=cfg.weights_dir, device="cpu")
     log(f"done: best validation Dice {best:.4f}; model folder {out}")
     return out
+
+
+def _init_model(cfg: TrainConfig) -> tuple[GMSModel, dict]:
+    """The --init-from model, loaded (without its foundation) and checked against the training configuration before
+    any data is read, and the reference to it that the new card records."""
+    folder = resolve_model_path(cfg.init_from)
+    if Path(cfg.output).resolve() == folder:
+        raise GMSError(f"the output folder {cfg.output} is the --init-from model itself; write the adapted model to "
+                       "another folder (the original is never overwritten)")
+    base = GMSModel.load(folder)
+    theirs = (base.card.get("foundation") or {}).get("name")
+    ours = cfg.foundation["name"] if isinstance(cfg.foundation, dict) else str(cfg.foundation)
+    if theirs != ours:
+        raise GMSError(f"--init-from model '{base.card.get('name')}' was trained on the foundation model '{theirs}', "
+                       f"not '{ours}' (pass --foundation to match it)")
+    ref = {"name": base.card.get("name"), "version": base.card.get("version"),
+           "weights_sha256": hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()}
+    return base, ref
 
 
 @torch.inference_mode()
