@@ -762,3 +762,74 @@ def test_requirements_and_environment(tiny_model):
     name = Path(tiny_model).name
     assert L.resolveModel(str(tiny_model)) == os.path.abspath(tiny_model)
     assert (name, os.path.abspath(tiny_model)) in L.findModels([str(Path(tiny_model).parent)])
+
+
+# ------------------------------------------------------------------------------------- training data from the scene
+
+
+def _labelled_pair(scene, shared_dir, case: str, name: str):
+    """A real hippocampus MRI as a volume node and its real labels as a segmentation node with named segments."""
+    root = Path(shared_dir) / "data" / "hippocampus"
+    vol = L.addVolumeNodeFromFile(scene, str(root / "imagesTr" / f"{case}.nii.gz"))
+    vol.SetName(name)  # two studies of the same name, as from two patients' "T1" series
+    lab = L.addVolumeNodeFromFile(scene, str(root / "labelsTr" / f"{case}.nii.gz"))
+    lm = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    lm.SetAndObserveImageData(lab.GetImageData())
+    m = vtk.vtkMatrix4x4()
+    lab.GetIJKToRASMatrix(m)
+    lm.SetIJKToRASMatrix(m)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lm, seg)
+    s = seg.GetSegmentation()
+    for i, n in enumerate(("Anterior", "Posterior")):  # Label_1, Label_2 as the editor would name them
+        s.GetSegment(s.GetNthSegmentID(i)).SetName(n)
+    scene.RemoveNode(lm)
+    scene.RemoveNode(lab)
+    return vol, seg
+
+
+def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(scene, shared_dir, tmp_path):
+    """exportTrainingSet writes volume + segmentation pairs from the scene as imagesTr/labelsTr/split.json with the
+    labels numbered in the order of the given segment names on each volume's grid; bad requests leave nothing behind;
+    and the worker command trainingArguments builds adapts the bundled hippocampus model on the export."""
+    root = Path(shared_dir) / "data" / "hippocampus"
+    pairs = [_labelled_pair(scene, shared_dir, c, "patient 1") for c in ("hippocampus_001", "hippocampus_003")]
+    data = tmp_path / "export"
+    info = L.exportTrainingSet(pairs, str(data), ["anterior", "posterior"])
+    assert info["cases"] == ["patient_1", "patient_1_2"]  # node names made file-safe and unique
+    assert json.loads((data / "split.json").read_text()) == {"train": info["cases"]}
+    for case, src in zip(info["cases"], ("hippocampus_001", "hippocampus_003")):
+        for sub in ("imagesTr", "labelsTr"):
+            got = sitk.ReadImage(str(data / sub / f"{case}.nii.gz"))
+            want = sitk.ReadImage(str(root / sub / f"{src}.nii.gz"))
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
+            np.testing.assert_allclose(got.GetOrigin(), want.GetOrigin(), atol=1e-4)
+            np.testing.assert_allclose(got.GetSpacing(), want.GetSpacing(), atol=1e-5)
+            np.testing.assert_allclose(got.GetDirection(), want.GetDirection(), atol=1e-5)
+    first = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "labelsTr" / "hippocampus_001.nii.gz")))
+    # the order of the names decides the label values (names match case-insensitively)
+    swapped = L.exportTrainingSet(pairs[:1], str(tmp_path / "swapped"), ["Posterior", "anterior"])
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "swapped" / "labelsTr" / "patient_1.nii.gz")))
+    np.testing.assert_array_equal(got, np.choose(first, [0, 2, 1]))
+    assert swapped["voxels"] == {"Posterior": int((first == 2).sum()), "anterior": int((first == 1).sum())}
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match="no segment named 'tail'"):
+        L.exportTrainingSet(pairs, str(tmp_path / "bad"), ["anterior", "tail"])
+    with pytest.raises(ValueError, match="already exists"):
+        L.exportTrainingSet(pairs, str(data), ["anterior", "posterior"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary folder left
+
+    out = tmp_path / "adapted"
+    args = L.trainingArguments(data, out, ["anterior", "posterior"], initFrom="hippocampus",
+                               extra=["--epochs", "1", "--augment-copies", "1", "--warmup-epochs", "1",
+                                      "--val-fraction", "0.5", "--no-postprocess-select"])
+    p = subprocess.run([sys.executable, "-m", "GMSSegmentLib", *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(MODULE_DIR),
+                                                                          os.environ.get("PYTHONPATH", "")])},
+                       timeout=JOB_TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    card = card_of(out)
+    assert card["training"]["init_from"]["name"] == "hippocampus" and card["input_size"] == 96
+    assert card["training"]["history"][0]["epoch"] == 0 and card["training"]["history"][0]["val_dice"] > 0.5
+    assert [s["name"] for s in card["segments"]] == ["anterior", "posterior"]

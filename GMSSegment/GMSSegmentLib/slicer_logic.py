@@ -73,6 +73,8 @@ __all__ = [
     "findModels",
     "readModelCard",
     "exportVolumeNode",
+    "exportTrainingSet",
+    "trainingArguments",
     "addVolumeNodeFromFile",
     "uniqueSegmentName",
     "ijkToRasFromVolumeNode",
@@ -335,6 +337,107 @@ def exportVolumeNode(volumeNode, path: str, compress: bool = False) -> dict:
     img.SetDirection(direction)
     sitk.WriteImage(img, path, useCompression=compress)
     return {"shape": tuple(arr.shape[:3]), "components": arr.shape[3] if isVector else 1}
+
+
+def _caseName(name: str, taken: set) -> str:
+    base = re.sub(r"[^A-Za-z0-9_-]+", "_", name or "case").strip("_") or "case"
+    case, k = base, 2
+    while case.lower() in taken:
+        case, k = f"{base}_{k}", k + 1
+    taken.add(case.lower())
+    return case
+
+
+def exportTrainingSet(pairs: Sequence, folder: str, segmentNames: Sequence[str]) -> dict:
+    """Write (volume node, segmentation node) pairs as a data set that ``gms train`` reads: ``imagesTr/<case>.nii.gz``,
+    ``labelsTr/<case>.nii.gz`` (label k+1 = the segment named ``segmentNames[k]``, on the volume's own grid) and
+    ``split.json`` with every case in its ``train`` list (training carves its validation part from it) and
+    ``dataset.json`` naming the label values.
+
+    Everything is checked before anything is written (scalar volumes, every named segment present in every
+    segmentation); the files are written to a temporary folder beside ``folder`` and renamed at the end, so a failure
+    leaves nothing behind, and an existing non-empty ``folder`` is never written into. Returns ``{"folder", "cases",
+    "segments", "voxels"}`` (foreground voxels per segment name)."""
+    names = [str(n).strip() for n in segmentNames]
+    if not names or any(not n for n in names) or len({n.lower() for n in names}) != len(names):
+        raise ValueError(f"segment names must be non-empty and distinct, got {list(segmentNames)}")
+    if not pairs:
+        raise ValueError("no (volume, segmentation) pairs to export")
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise ValueError(f"{folder} already exists and is not an empty folder; choose a new one")
+    plan = []
+    for volumeNode, segmentationNode in pairs:
+        if volumeNode is None or segmentationNode is None:
+            raise ValueError("each pair needs a volume node and a segmentation node")
+        image = volumeNode.GetImageData()
+        if image is None or image.GetNumberOfScalarComponents() != 1:
+            raise ValueError(f"volume '{volumeNode.GetName()}' is not a scalar volume (training exports scalar "
+                             "volumes only)")
+        seg = segmentationNode.GetSegmentation()
+        byName = {}
+        for i in range(seg.GetNumberOfSegments()):
+            sid = seg.GetNthSegmentID(i)
+            byName.setdefault(seg.GetSegment(sid).GetName().strip().lower(), sid)
+        missing = [n for n in names if n.lower() not in byName]
+        if missing:
+            raise ValueError(f"segmentation '{segmentationNode.GetName()}' of volume '{volumeNode.GetName()}' has no "
+                             f"segment named {', '.join(repr(m) for m in missing)}")
+        plan.append((volumeNode, segmentationNode, [byName[n.lower()] for n in names]))
+
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".gms-export-", dir=parent)
+    taken: set = set()
+    cases, voxels = [], {n: 0 for n in names}
+    try:
+        os.makedirs(os.path.join(tmp, "imagesTr"))
+        os.makedirs(os.path.join(tmp, "labelsTr"))
+        for volumeNode, segmentationNode, ids in plan:
+            case = _caseName(volumeNode.GetName(), taken)
+            scene = volumeNode.GetScene()
+            labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+            try:
+                idArray = vtk.vtkStringArray()
+                for sid in ids:
+                    idArray.InsertNextValue(sid)
+                if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                        segmentationNode, idArray, labelNode, volumeNode):
+                    raise ValueError(f"cannot export the segments of '{segmentationNode.GetName()}' onto "
+                                     f"'{volumeNode.GetName()}'")
+                labels = _volumeArray(labelNode)
+                if labels.shape != _volumeArray(volumeNode).shape:
+                    raise ValueError(f"the labels of '{volumeNode.GetName()}' came out on another grid")
+                for k, n in enumerate(names):
+                    voxels[n] += int((labels == k + 1).sum())
+                exportVolumeNode(volumeNode, os.path.join(tmp, "imagesTr", f"{case}.nii.gz"), compress=True)
+                exportVolumeNode(labelNode, os.path.join(tmp, "labelsTr", f"{case}.nii.gz"), compress=True)
+            finally:
+                _removeNode(scene, labelNode)
+            cases.append(case)
+        with open(os.path.join(tmp, "split.json"), "w") as f:
+            json.dump({"train": cases}, f, indent=1)
+        with open(os.path.join(tmp, "dataset.json"), "w") as f:  # for people: which label value is which segment
+            json.dump({"labels": {n: k + 1 for k, n in enumerate(names)}, "cases": len(cases)}, f, indent=1)
+        if os.path.isdir(folder):
+            os.rmdir(folder)  # empty, checked above
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"folder": folder, "cases": cases, "segments": names, "voxels": voxels}
+
+
+def trainingArguments(dataFolder: str, outputFolder: str, segmentNames: Sequence[str], initFrom: str | None = None,
+                      maxMinutes: float | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """The worker's command line (after ``python -m GMSSegmentLib``) that trains, or with ``initFrom`` adapts, a
+    model on a folder written by ``exportTrainingSet``, reporting progress as JSON lines."""
+    args = ["train", str(dataFolder), "-o", str(outputFolder), "--segments", *[str(n) for n in segmentNames],
+            "--progress", "json"]
+    if initFrom:
+        args += ["--init-from", str(initFrom)]
+    if maxMinutes:
+        args += ["--max-minutes", f"{float(maxMinutes):g}"]
+    return args + [str(e) for e in extra]
 
 
 def addVolumeNodeFromFile(scene, path: str, name: str | None = None, vector: bool | None = None):
