@@ -824,10 +824,9 @@ def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(
     args = L.trainingArguments(data, out, ["anterior", "posterior"], initFrom="hippocampus",
                                extra=["--epochs", "1", "--augment-copies", "1", "--warmup-epochs", "1",
                                       "--val-fraction", "0.5", "--no-postprocess-select"])
-    p = subprocess.run([sys.executable, "-m", "GMSSegmentLib", *map(str, args)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(MODULE_DIR),
-                                                                          os.environ.get("PYTHONPATH", "")])},
-                       timeout=JOB_TIMEOUT)
+    from conftest import run_gms  # python -m GMSSegmentLib, as the Slicer worker runs it
+
+    p = run_gms(*args, timeout=JOB_TIMEOUT)
     assert p.returncode == 0, p.stderr[-3000:]
     card = card_of(out)
     assert card["training"]["init_from"]["name"] == "hippocampus" and card["input_size"] == 96

@@ -405,7 +405,7 @@ def exportTrainingSet(pairs: Sequence, folder: str, segmentNames: Sequence[str])
                     raise ValueError(f"cannot export the segments of '{segmentationNode.GetName()}' onto "
                                      f"'{volumeNode.GetName()}'")
                 labels = _volumeArray(labelNode)
-                if labels.shape != _volumeArray(volumeNode).shape:
+                if labels.shape != tuple(reversed(volumeNode.GetImageData().GetDimensions())):
                     raise ValueError(f"the labels of '{volumeNode.GetName()}' came out on another grid")
                 for k, n in enumerate(names):
                     voxels[n] += int((labels == k + 1).sum())

@@ -34,6 +34,7 @@ from .lmm import LatentMappingModel, LMMConfig
 from .model import WEIGHTS, GMSModel, make_segments
 from .modelpaths import resolve_model_path
 from .pipeline import classify, to_model_input, train_autocast, training_precision
+from .weights import sha256_file
 
 
 @dataclass
@@ -218,9 +219,11 @@ def train(cfg: TrainConfig) -> Path:
     if not 0 <= cfg.ema < 1:  # checked before any data is read or encoded
         raise GMSError(f"--ema must be 0 (off) or a decay in (0, 1), got {cfg.ema}")
     base, base_ref = _init_model(cfg) if cfg.init_from else (None, None)
-    if cfg.input_size is None or (base is not None and cfg.normalization is None):
-        cfg = replace(cfg, input_size=cfg.input_size or (base.input_size if base is not None else 224),
-                      normalization=cfg.normalization or (base.card.get("normalization") if base is not None else None))
+    if base is not None:  # the base model's input size and normalisation unless given
+        cfg = replace(cfg, input_size=cfg.input_size or base.input_size,
+                      normalization=cfg.normalization or base.card.get("normalization"))
+    elif cfg.input_size is None:
+        cfg = replace(cfg, input_size=224)
     root = Path(cfg.data)
     layout = detect_layout(root)
     out = Path(cfg.output)
@@ -265,9 +268,7 @@ def train(cfg: TrainConfig) -> Path:
         if theirs and theirs != fingerprint:  # before the expensive encoding
             raise GMSError(f"--init-from model '{base.card.get('name')}' was trained on other {cfg.foundation['name']} "
                            "weights (their SHA-256 differ from the ones loaded here); its latents would not match")
-        if base.lmm.config.latent_channels != foundation.latent_channels:
-            raise GMSError(f"--init-from model '{base.card.get('name')}' maps {base.lmm.config.latent_channels}-channel "
-                           f"latents; {cfg.foundation['name']} has {foundation.latent_channels}")
+        base.attach_foundation(foundation)  # the model's own check of latent channels and name, also before encoding
     key_src = json.dumps([str(root.resolve()), train_names, val_names, cfg.augment_copies, cfg.seed, cfg.input_size,
                           cfg.foundation, norm, label_values, cfg.axis, layout]
                          + ([orientation] if orientation else []), sort_keys=True)
@@ -372,9 +373,14 @@ def train(cfg: TrainConfig) -> Path:
             ema_lmm.load_state_dict(state["ema"] if "ema" in state else state["lmm"])
         log(f"resumed from {ckpt} at epoch {start_epoch} (best validation Dice {best:.4f})")
     t_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
+
+    codes_t = torch.from_numpy(codes)
+    tr_img, tr_mask = tr.img.float(), tr.mask.float()
+    tr_lab = tr.labels.long()
+    va_img = va.img.float()
     if base is not None and start_epoch == 0:
         # the starting point is validated first and kept unless training beats it on the validation cases
-        best = validate(model, va.img.float(), va.labels, torch.from_numpy(codes), n_seg)
+        best = validate(model, va_img, va.labels, codes_t, n_seg)
         model.card["metrics"] = {"validation": {"dice": round(best, 4), "cases": len(val_names), "epoch": 0,
                                                 "note": "decoded at input size, per slice (the --init-from model)"}}
         model.card["training"]["epochs_run"] = 0
@@ -382,11 +388,6 @@ def train(cfg: TrainConfig) -> Path:
         model.save(out, overwrite=True)
         history.append({"epoch": 0, "val_dice": best, "elapsed_s": 0.0, "saved": True})
         log(json.dumps(history[-1]) + f"  (the starting point, {cfg.init_from})")
-
-    codes_t = torch.from_numpy(codes)
-    tr_img, tr_mask = tr.img.float(), tr.mask.float()
-    tr_lab = tr.labels.long()
-    va_img = va.img.float()
     step = start_epoch * steps_per_epoch
     epoch = start_epoch
     stopped_early = False
@@ -493,7 +494,7 @@ def _init_model(cfg: TrainConfig) -> tuple[GMSModel, dict]:
         raise GMSError(f"--init-from model '{base.card.get('name')}' was trained on the foundation model '{theirs}', "
                        f"not '{ours}' (pass --foundation to match it)")
     ref = {"name": base.card.get("name"), "version": base.card.get("version"),
-           "weights_sha256": hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()}
+           "weights_sha256": sha256_file(folder / WEIGHTS)}
     return base, ref
 
 
