@@ -114,6 +114,17 @@ def assert_same_geometry(segmentationNode, volumeNode):
         np.testing.assert_allclose(L._imageToWorld(image), L.ijkToRasFromVolumeNode(volumeNode), atol=1e-9)
 
 
+def assert_masks_agree(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    """The same mask from two runs of the network on the same input: equal up to a voxel or two. Two worker
+    processes' float results may differ in the last bits on this CPU, which flips a voxel whose decoded value sits
+    right at the 0.5 threshold (seen in session 9 with the briefly trained test model: 1 of 264,702 voxels, in two
+    tests); a geometry, orientation or label error changes thousands."""
+    assert got.shape == want.shape
+    differ = int((got != want).sum())
+    assert differ <= max(2, want.size // 20000), f"{what}: {differ} voxels differ"
+    assert got.any() == want.any()
+
+
 def card_of(model) -> dict:
     return json.loads((Path(model) / "card.json").read_text())
 
@@ -304,8 +315,7 @@ def check_result(job, volumeNode, model, expected_labels: np.ndarray) -> None:
         np.testing.assert_allclose(segment.GetColor(), spec["color"], atol=1e-6)
         got = segment_on_volume_grid(node, seg.GetNthSegmentID(k), volumeNode)
         want = (expected_labels == spec["label"]).astype(np.uint8)
-        assert got.shape == want.shape
-        assert np.array_equal(got, want), f"segment {spec['name']}: {int((got != want).sum())} voxels differ"
+        assert_masks_agree(got, want, spec["name"])
 
 
 # --------------------------------------------------------------------------------------------------- end to end
@@ -474,8 +484,8 @@ def test_rerun_keeps_edited_segment(scene, logic, busi_images, two_segment_model
     assert np.array_equal(segment_on_volume_grid(node, segmentID, volume), edited)
     # both re-runs produced what the first run produced before the edit
     third_node = third.segmentationNodes[0]
-    assert np.array_equal(segment_on_volume_grid(node, second.tasks[0].segmentIDs[0], volume), predicted)
-    assert np.array_equal(segment_on_volume_grid(third_node, third.tasks[0].segmentIDs[0], volume), predicted)
+    assert_masks_agree(segment_on_volume_grid(node, second.tasks[0].segmentIDs[0], volume), predicted, "second run")
+    assert_masks_agree(segment_on_volume_grid(third_node, third.tasks[0].segmentIDs[0], volume), predicted, "third run")
 
 
 # ----------------------------------------------------------------------------------------------------------- batch
