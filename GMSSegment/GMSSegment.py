@@ -9,6 +9,7 @@ import enum
 import logging
 import os
 import pathlib
+import re
 from typing import Optional
 
 import ctk
@@ -97,6 +98,23 @@ class SlicingAxis(enum.Enum):
 
     def axisIndex(self):
         return None if self is SlicingAxis.MODEL else int(self.value)
+
+
+def userModelsDirectory() -> str:
+    """Where models adapted in Slicer are saved: ``GMSSegment/Models`` beside Slicer's user settings."""
+    with_settings = getattr(slicer.app, "slicerUserSettingsFilePath", "") if hasattr(slicer, "app") else ""
+    base = os.path.dirname(with_settings) if with_settings else os.path.join(os.path.expanduser("~"), ".GMSSegment")
+    return os.path.join(base, "GMSSegment", "Models")
+
+
+def addUserModelsToSearchPath() -> str:
+    """Put the user models folder on the model search path (``GMS_MODELS_DIR``) of this process and its workers, so
+    adapted models are listed and found by name. Returns the folder."""
+    folder = userModelsDirectory()
+    paths = [p for p in os.environ.get("GMS_MODELS_DIR", "").split(os.pathsep) if p]
+    if folder not in paths:
+        os.environ["GMS_MODELS_DIR"] = os.pathsep.join(paths + [folder])
+    return folder
 
 
 def _defaultModelPath():
@@ -214,6 +232,7 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = GMSSegmentLogic()
+        addUserModelsToSearchPath()
 
         self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.weightsPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
@@ -232,6 +251,7 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.segmentAllButton.connect("clicked(bool)", self.onSegmentAllButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelComboBoxChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsPathChanged)
@@ -300,6 +320,7 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.segmentButton.toolTip = _("Select an input volume and a model folder")
             self.ui.segmentButton.enabled = False
         self.ui.segmentAllButton.enabled = (not running) and hasModel
+        self.ui.adaptButton.enabled = (not running) and hasModel
         self._updateModelInfo()
 
     # -- models -----------------------------------------------------------------------------------------------------
@@ -383,6 +404,30 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QSettings().setValue(SETTINGS_MODEL, options["model"])
             self._startPolling(job)
 
+    def onAdaptButton(self) -> None:
+        model = _pathOrNone(self._parameterNode.modelPath)
+        with slicer.util.tryWithErrorDisplay(_("Failed to start adapting the model."), waitCursor=True):
+            card = slicer_logic.readModelCard(model)
+            names = [str(seg.get("name")) for seg in card.get("segments", [])]
+            pairs = self.logic.trainingPairs(slicer.mrmlScene, names)
+            checked = {n.GetID() for n in self.ui.adaptSegmentationsComboBox.checkedNodes()}
+            if checked:
+                pairs = [(volume, seg) for volume, seg in pairs if seg.GetID() in checked]
+            if len(pairs) < 2:
+                raise ValueError(_("Adapting needs at least 2 segmentations that have the segments {names} and a "
+                                   "loaded reference volume; found {n}.").format(names=", ".join(names), n=len(pairs)))
+            name = self.ui.adaptNameLineEdit.text.strip() or f"{card.get('name') or os.path.basename(model)}-adapted"
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                raise ValueError(_("The model name may hold only letters, digits, '.', '_' and '-': {name}").format(
+                    name=name))
+            if not ensureDependencies(model):
+                return
+            output = os.path.join(addUserModelsToSearchPath(), name)
+            job = self.logic.startTraining(pairs, names, output, initFrom=model,
+                                           maxMinutes=self.ui.adaptMinutesSpinBox.value,
+                                           weightsDir=_pathOrNone(self.ui.weightsPathLineEdit.currentPath))
+            self._startPolling(job)
+
     def onCancelButton(self) -> None:
         if self.logic is not None:
             self.logic.cancel()
@@ -421,6 +466,15 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._onJobFinished(job)
 
     def _onJobFinished(self, job) -> None:
+        if isinstance(job, slicer_logic.TrainingJob):
+            if job.state == slicer_logic.JobState.SUCCEEDED:
+                self._populateModels()
+                self._parameterNode.modelPath = pathlib.Path(job.modelDir)
+                slicer.util.infoDisplay(job.statusText + "\n" + _("It is now the selected model."))
+            elif job.state == slicer_logic.JobState.FAILED:
+                slicer.util.errorDisplay(_("Adapting the model failed: ") + job.errorMessage,
+                                         detailedText="\n".join(job.log[-40:]))
+            return
         if job.state in (slicer_logic.JobState.SUCCEEDED, slicer_logic.JobState.PARTIAL):
             nodes = job.segmentationNodes
             if nodes and not job.batch:
@@ -456,7 +510,8 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self.logic is not None and self.logic.running
         self.ui.cancelButton.enabled = running
         for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
-                       self.ui.advancedCollapsibleButton, self.ui.batchVolumesComboBox):
+                       self.ui.advancedCollapsibleButton, self.ui.batchVolumesComboBox,
+                       self.ui.adaptCollapsibleButton):
             widget.enabled = not running
         self._checkCanApply()
 

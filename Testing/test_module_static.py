@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import importlib.util
+import os
 import py_compile
 import re
 import subprocess
@@ -395,3 +396,22 @@ def test_ensure_dependencies(module, monkeypatch):
     calls.clear()
     assert module.ensureDependencies() is True
     assert calls == [("torch", True, ">=2.1"), ("pip", ["safetensors>=0.4"], "GMSSegment")]
+
+
+def test_adapted_models_folder_joins_the_model_search_path(module, monkeypatch, tmp_path, tiny_model):
+    """Models adapted in Slicer go to the user models folder, which the widget puts on GMS_MODELS_DIR so that the
+    model list and the worker find them by name (other folders already on the path stay, first)."""
+    import shutil
+
+    from GMSSegmentLib import slicer_logic
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("GMS_MODELS_DIR", str(tmp_path / "site-models"))
+    folder = module.addUserModelsToSearchPath()
+    assert folder == module.userModelsDirectory() and folder.startswith(str(tmp_path))
+    assert module.addUserModelsToSearchPath() == folder  # added once
+    assert os.environ["GMS_MODELS_DIR"].split(os.pathsep) == [str(tmp_path / "site-models"), folder]
+    assert "my-adapted" not in dict(slicer_logic.findModels())
+    shutil.copytree(tiny_model, Path(folder) / "my-adapted")
+    assert dict(slicer_logic.findModels())["my-adapted"] == str((Path(folder) / "my-adapted").resolve())
+    assert slicer_logic.resolveModel("my-adapted") == str((Path(folder) / "my-adapted").resolve())

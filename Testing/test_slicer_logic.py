@@ -789,6 +789,7 @@ def _labelled_pair(scene, shared_dir, case: str, name: str):
     lab.GetIJKToRASMatrix(m)
     lm.SetIJKToRASMatrix(m)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)  # as the Segment Editor does for its source volume
     assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lm, seg)
     s = seg.GetSegmentation()
     for i, n in enumerate(("Anterior", "Posterior")):  # Label_1, Label_2 as the editor would name them
@@ -801,7 +802,8 @@ def _labelled_pair(scene, shared_dir, case: str, name: str):
 def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(scene, shared_dir, tmp_path):
     """exportTrainingSet writes volume + segmentation pairs from the scene as imagesTr/labelsTr/split.json with the
     labels numbered in the order of the given segment names on each volume's grid; bad requests leave nothing behind;
-    and the worker command trainingArguments builds adapts the bundled hippocampus model on the export."""
+    SegmentationLogic.startTraining finds the pairs in the scene, adapts the bundled hippocampus model on them in the
+    worker (progress by stage and epoch, the new model published only when complete), and a cancel leaves nothing."""
     root = Path(shared_dir) / "data" / "hippocampus"
     pairs = [_labelled_pair(scene, shared_dir, c, "patient 1") for c in ("hippocampus_001", "hippocampus_003")]
     data = tmp_path / "export"
@@ -830,15 +832,60 @@ def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(
         L.exportTrainingSet(pairs, str(data), ["anterior", "posterior"])
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary folder left
 
-    out = tmp_path / "adapted"
-    args = L.trainingArguments(data, out, ["anterior", "posterior"], initFrom="hippocampus",
-                               extra=["--epochs", "1", "--augment-copies", "1", "--warmup-epochs", "1",
-                                      "--val-fraction", "0.5", "--no-postprocess-select"])
-    from conftest import run_gms  # python -m GMSSegmentLib, as the Slicer worker runs it
+    # the Slicer logic runs it: the pairs found in the scene, exported into the job's folder, the worker's progress,
+    # and the model published only at the end
+    logic = L.SegmentationLogic(scene=scene, tempRoot=str(tmp_path / "jobs"))
+    names = ["anterior", "posterior"]
+    assert [(v.GetID(), s.GetID()) for v, s in logic.trainingPairs(scene, names)] == \
+        [(v.GetID(), s.GetID()) for v, s in pairs]
+    assert logic.trainingPairs(scene, ["anterior", "tail"]) == []
+    fast = ["--epochs", "1", "--augment-copies", "1", "--warmup-epochs", "1", "--val-fraction", "0.5",
+            "--no-postprocess-select"]
+    models = tmp_path / "models"
+    with pytest.raises(ValueError, match="at least 2 segmented volumes"):
+        logic.startTraining(pairs[:1], names, str(models / "a"), initFrom="hippocampus")
+    with pytest.raises(ValueError, match="already exists"):
+        logic.startTraining(pairs, names, str(data), initFrom="hippocampus")
+    with pytest.raises(ValueError, match="no segment named 'tail'"):
+        logic.startTraining(pairs, ["anterior", "tail"], str(models / "a"), initFrom="hippocampus")
+    assert not models.exists() and os.listdir(tmp_path / "jobs") == []
 
-    p = run_gms(*args, timeout=JOB_TIMEOUT)
-    assert p.returncode == 0, p.stderr[-3000:]
+    out = models / "hippocampus-adapted"
+    job = logic.startTraining(pairs, names, str(out), initFrom="hippocampus", extraArgs=fast)
+    stages, fractions = [], []
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not job.finished and time.monotonic() < deadline:
+        job.poll()
+        if not stages or stages[-1] != job.stage:
+            stages.append(job.stage)
+        fractions.append(job.progress)
+        assert not out.exists() or job.finished  # nothing at the target before the model is complete
+        time.sleep(0.05)
+    assert job.state == L.JobState.SUCCEEDED, (job.errorMessage, job.log[-20:])
+    assert "cache" in stages and "training" in stages and stages.index("cache") < stages.index("training")
+    assert fractions == sorted(fractions) and job.progress == 1.0
+    assert job.modelDir == str(out) and (out / "model.safetensors").is_file()
+    assert [h["epoch"] for h in job.history] == [0, 1]  # the starting point, then the one epoch
     card = card_of(out)
+    assert job.card == card and card["name"] == "hippocampus-adapted"
     assert card["training"]["init_from"]["name"] == "hippocampus" and card["input_size"] == 96
-    assert card["training"]["history"][0]["epoch"] == 0 and card["training"]["history"][0]["val_dice"] > 0.5
-    assert [s["name"] for s in card["segments"]] == ["anterior", "posterior"]
+    assert job.startDice == pytest.approx(card["training"]["history"][0]["val_dice"]) and job.startDice > 0.5
+    assert job.bestDice == pytest.approx(max(h["val_dice"] for h in card["training"]["history"]))
+    assert [s["name"] for s in card["segments"]] == names
+    assert "Done: model 'hippocampus-adapted' saved" in job.statusText
+    assert os.listdir(tmp_path / "jobs") == []  # export, latents and work folder removed
+
+    # cancelled while training: within 2 s, nothing written, the worker's process group gone
+    cancelled = models / "cancelled"
+    job = logic.startTraining(pairs, names, str(cancelled), initFrom="hippocampus",
+                              extraArgs=["--epochs", "200", "--augment-copies", "1", "--val-fraction", "0.5"])
+    assert wait_until(lambda: job.finished or job.epoch >= 1, JOB_TIMEOUT, job), job.log[-10:]
+    assert job.running, (job.errorMessage, job.log[-10:])
+    t0 = time.monotonic()
+    job.cancel()
+    assert wait_until(lambda: job.finished, 2.0, job) and time.monotonic() - t0 < 2.0
+    assert job.state == L.JobState.CANCELLED and job.statusText == "Cancelled: no model was written"
+    assert not cancelled.exists() and sorted(p.name for p in models.iterdir()) == ["hippocampus-adapted"]
+    assert os.listdir(tmp_path / "jobs") == []
+    assert_process_group_gone(job.pid)
+    logic.shutdown()

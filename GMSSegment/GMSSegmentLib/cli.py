@@ -149,7 +149,17 @@ def cmd_train(args, rep: Reporter) -> int:
         seed=args.seed, val_every=args.val_every, cache_dir=args.cache_dir,
         work_dir=args.work_dir, resume=not args.no_resume, licence=args.licence, citation=args.citation,
         description=args.description, init_from=args.init_from)
-    train(cfg)
+    events = None
+    if rep.mode == "json":  # the worker protocol: JSON lines instead of the plain log lines
+        def events(kind, **fields):
+            if kind == "log":
+                rep.log(fields["message"])
+            elif kind == "progress":
+                rep.progress(fields.pop("done"), fields.pop("total"), **fields)
+            else:
+                rep.emit(kind, **fields)
+    train(cfg, events=events)
+    rep.emit("done")
     return 0
 
 
@@ -258,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask values of the segments (2D default 255; 3D default 1..n)")
     t.add_argument("--input-size", type=int, default=None,
                    help="model input size in pixels (default: the --init-from model's, else 224)")
-    t.add_argument("--axis", type=int, default=0, choices=(0, 1, 2), help="slicing axis for 3D data (numpy order)")
+    t.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
+                   help="slicing axis for 3D data (numpy order; default: the --init-from model's, else 0)")
     t.add_argument("--normalization", help='JSON, e.g. {"mode": "percentile", "low": 0.5, "high": 99.5}')
     t.add_argument("--foundation", default="taef2", help="taef2, or JSON such as "
                                                           '{"name": "diffusers-kl", "path": "stabilityai/sd-vae-ft-mse"}')

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SegmentationLogic",
     "SegmentationJob",
+    "TrainingJob",
     "VolumeTask",
     "JobState",
     "TaskState",
@@ -640,7 +641,7 @@ def _killLiveWorkers() -> None:
 class _Worker:
     """A child process in its own process group, its stdout/stderr read line by line into a queue by threads."""
 
-    def __init__(self, args: list[str], env: dict, cwd: str | None = None):
+    def __init__(self, args: list[str], env: dict, cwd: str | None = None, name: str = "worker"):
         kwargs: dict[str, Any] = {}
         if os.name == "nt":
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200) | getattr(
@@ -653,7 +654,7 @@ class _Worker:
                 self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd,
                 text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
         except OSError as e:
-            raise RuntimeError(f"cannot start the segmentation worker {self.args[0]}: {e}") from None
+            raise RuntimeError(f"cannot start the {name} {self.args[0]}: {e}") from None
         self.pid = self.proc.pid
         _liveWorkers.add(self)
         self.lines: queue.Queue = queue.Queue()
@@ -748,19 +749,20 @@ class VolumeTask:
         return self.done / self.total if self.total else 0.0
 
 
-class SegmentationJob:
-    """A running worker over one or several volume nodes. Drive it with :meth:`poll` (never blocks)."""
+class _WorkerJob:
+    """What every background job shares: the worker process, its log, polling, waiting and cancelling. Subclasses
+    handle the worker's JSON events (:meth:`_handleStdout`) and finish the job once it has exited (:meth:`_finish`,
+    which ends with :meth:`_cleanup` and ``logic._jobFinished``)."""
 
-    def __init__(self, logic: "SegmentationLogic", scene, tasks: list[VolumeTask], args: list[str], env: dict,
-                 tempDir: str, batch: bool):
+    workerName = "worker"
+    batch = False
+    tasks: Sequence = ()
+
+    def __init__(self, logic: "SegmentationLogic", scene, args: list[str], env: dict, tempDir: str):
         self.logic = logic
         self.scene = scene
-        self.tasks = tasks
         self.args = args
         self.tempDir = tempDir
-        self.batch = batch
-        self.modelDir = ""
-        self.card: dict = {}
         self.state = JobState.RUNNING
         self.errorMessage = ""
         self.returnCode: int | None = None
@@ -773,7 +775,7 @@ class SegmentationJob:
         self._doneEvent: dict | None = None
         self._downloading: tuple | None = None
         self._errorMessages: set = set()
-        self._worker = _Worker(args, env, cwd=tempDir)
+        self._worker = _Worker(args, env, cwd=tempDir, name=self.workerName)
         self._logLine(f"Started worker (pid {self._worker.pid}): {' '.join(_quote(a) for a in args)}")
 
     # -- public state ---------------------------------------------------------------------------------------------
@@ -790,44 +792,9 @@ class SegmentationJob:
         return not self.finished
 
     @property
-    def progress(self) -> float:
-        """0..1 over all volumes."""
-        if not self.tasks:
-            return 1.0
-        if self.state == JobState.SUCCEEDED:
-            return 1.0
-        return sum(t.fraction for t in self.tasks) / len(self.tasks)
-
-    @property
     def log(self) -> list[str]:
         """Every log line so far."""
         return list(self._log)
-
-    @property
-    def statusText(self) -> str:
-        if self.state == JobState.RUNNING:
-            if self._cancelRequested:
-                return "Cancelling..."
-            running = [t for t in self.tasks if t.state == TaskState.RUNNING]
-            if self._downloading is not None:
-                what, done, total = self._downloading
-                amount = f"{done / 1e6:.0f} of {total / 1e6:.0f} MB" if total else f"{done / 1e6:.0f} MB"
-                return f"Downloading {what}: {amount}"
-            if running:
-                t = running[0]
-                where = f" ({t.index + 1}/{len(self.tasks)})" if self.batch else ""
-                step = f": slice {t.done}/{t.total}" if t.total else ""
-                return f"Segmenting {t.volumeName}{where}{step}"
-            return "Starting the worker (loading the model)..."
-        if self.state == JobState.SUCCEEDED:
-            n = len(self.tasks)
-            return f"Done: {n} volume{'s' if n != 1 else ''} segmented in {self.elapsed:.1f} s"
-        if self.state == JobState.PARTIAL:
-            ok = sum(t.state == TaskState.SUCCEEDED for t in self.tasks)
-            return f"Done with errors: {ok} of {len(self.tasks)} volumes segmented"
-        if self.state == JobState.CANCELLED:
-            return "Cancelled"
-        return f"Failed: {self.errorMessage}"
 
     @property
     def elapsed(self) -> float:
@@ -835,19 +802,12 @@ class SegmentationJob:
 
     @property
     def segmentationNodes(self) -> list:
-        """The segmentation nodes that received results (existing ones included), in task order."""
-        out = []
-        for t in self.tasks:
-            if t.segmentationNodeID:
-                node = self.scene.GetNodeByID(t.segmentationNodeID)
-                if node is not None and node not in out:
-                    out.append(node)
-        return out
+        return []
 
     # -- driving --------------------------------------------------------------------------------------------------
     def poll(self) -> list[str]:
         """Process what the worker said since the last call; finish the job when it has exited. Returns new log
-        lines. Never blocks (reading happens in threads); the import into the scene happens here, in the caller's
+        lines. Never blocks (reading happens in threads); what changes the scene happens here, in the caller's
         thread, once the worker is gone."""
         if self.finished:
             return self._takeLog()
@@ -888,7 +848,8 @@ class SegmentationJob:
 
     def cancel(self) -> None:
         """End the worker's whole process tree (non-blocking: SIGTERM now, SIGKILL after a short grace). The next
-        :meth:`poll` calls finish the job as cancelled: nothing is imported and the temporary files are removed."""
+        :meth:`poll` calls finish the job as cancelled: the scene and the disk are left as they were and the
+        temporary files are removed."""
         if self.finished or self._cancelRequested:
             return
         self._cancelRequested = True
@@ -919,17 +880,8 @@ class SegmentationJob:
                         continue  # the same message already came as a JSON error event
                     self._logLine(line)
 
-    def _task(self, event: dict) -> VolumeTask | None:
-        item = event.get("item")
-        if item is None:
-            return self.tasks[0] if len(self.tasks) == 1 else None
-        try:
-            item = int(item)
-        except (TypeError, ValueError):
-            return None
-        return self.tasks[item] if 0 <= item < len(self.tasks) else None
-
     def _handleStdout(self, line: str) -> None:
+        """One stdout line: a JSON event (see ``reporting.Reporter``) or a plain line for the log."""
         text = line.strip()
         event = None
         if text.startswith("{"):
@@ -940,6 +892,156 @@ class SegmentationJob:
                 self._logLine(line)
             return
         kind = event.get("event")
+        if kind == "done":
+            self._doneEvent = event
+        elif kind == "download":
+            self._download(event)
+        elif not self._onEvent(kind, event):
+            self._logLine(line)
+
+    def _onEvent(self, kind: str, event: dict) -> bool:
+        """Handle a job-specific event; False for an unknown one (it goes to the log as it came)."""
+        raise NotImplementedError
+
+    cancelNote = "Cancelled"
+
+    def _cancelled(self) -> None:
+        self.state = JobState.CANCELLED
+        if not self.errorMessage or self.errorMessage == "cancelled":  # the worker's own "cancelled" error event
+            self.errorMessage = "cancelled by the user"
+        self._logLine(self.cancelNote)
+
+    def _errorEvent(self, event: dict) -> str:
+        message = str(event.get("message", "unknown error"))
+        self._errorMessages.add(message)  # stderr repeats it as "gms: error: ..."; logged once
+        return message
+
+    def _finish(self) -> None:
+        """The worker has exited: settle the job (:meth:`_cancelled` or :meth:`_complete`), then always remove the
+        temporary folder and tell the logic."""
+        try:
+            if self._cancelRequested:
+                self._cancelled()
+            else:
+                self._complete()
+        finally:
+            self.endTime = time.monotonic()
+            self._cleanup()
+            self.logic._jobFinished(self)
+
+    def _complete(self) -> None:
+        raise NotImplementedError
+
+    def _download(self, event: dict) -> None:
+        what = str(event.get("what") or "weights")
+        done, total = _int(event.get("done"), 0), event.get("total")
+        total = _int(total, 0) if total is not None else 0
+        first = self._downloading is None
+        self._downloading = (what, done, total)
+        if first:
+            self._logLine(f"Downloading {what} (first use; cached afterwards)...")
+        if total and done >= total:
+            self._logLine(f"Downloaded {what} ({total / 1e6:.1f} MB)")
+            self._downloading = None
+
+    def _downloadText(self) -> str | None:
+        if self._downloading is None:
+            return None
+        what, done, total = self._downloading
+        amount = f"{done / 1e6:.0f} of {total / 1e6:.0f} MB" if total else f"{done / 1e6:.0f} MB"
+        return f"Downloading {what}: {amount}"
+
+    def _workerFailureMessage(self) -> str:
+        rc = self.returnCode
+        if rc is not None and rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except (ValueError, AttributeError):
+                name = f"signal {-rc}"
+            hint = " (out of memory, or ended by another program)" if -rc == getattr(signal, "SIGKILL", 9) else ""
+            return f"the {self.workerName} was killed by {name}{hint}"
+        tail = [l for l in self._stderrTail if l.strip()]
+        detail = ""
+        if tail:
+            errors = [l for l in tail if re.match(r"^\w*(Error|Exception)\b", l.strip()) or "Error:" in l]
+            detail = ": " + (errors[-1] if errors else tail[-1]).strip()
+        return f"the {self.workerName} stopped with exit code {rc}{detail}"
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.tempDir, ignore_errors=True)
+        if os.path.exists(self.tempDir):  # Windows: a file may still be open for a moment
+            time.sleep(0.2)
+            shutil.rmtree(self.tempDir, ignore_errors=True)
+
+
+class SegmentationJob(_WorkerJob):
+    """A running worker over one or several volume nodes. Drive it with :meth:`poll` (never blocks)."""
+
+    workerName = "segmentation worker"
+
+    def __init__(self, logic: "SegmentationLogic", scene, tasks: list[VolumeTask], args: list[str], env: dict,
+                 tempDir: str, batch: bool):
+        self.tasks = tasks
+        self.batch = batch
+        self.modelDir = ""
+        self.card: dict = {}
+        super().__init__(logic, scene, args, env, tempDir)
+
+    @property
+    def progress(self) -> float:
+        """0..1 over all volumes."""
+        if not self.tasks:
+            return 1.0
+        if self.state == JobState.SUCCEEDED:
+            return 1.0
+        return sum(t.fraction for t in self.tasks) / len(self.tasks)
+
+    @property
+    def statusText(self) -> str:
+        if self.state == JobState.RUNNING:
+            if self._cancelRequested:
+                return "Cancelling..."
+            running = [t for t in self.tasks if t.state == TaskState.RUNNING]
+            if self._downloading is not None:
+                return self._downloadText()
+            if running:
+                t = running[0]
+                where = f" ({t.index + 1}/{len(self.tasks)})" if self.batch else ""
+                step = f": slice {t.done}/{t.total}" if t.total else ""
+                return f"Segmenting {t.volumeName}{where}{step}"
+            return "Starting the worker (loading the model)..."
+        if self.state == JobState.SUCCEEDED:
+            n = len(self.tasks)
+            return f"Done: {n} volume{'s' if n != 1 else ''} segmented in {self.elapsed:.1f} s"
+        if self.state == JobState.PARTIAL:
+            ok = sum(t.state == TaskState.SUCCEEDED for t in self.tasks)
+            return f"Done with errors: {ok} of {len(self.tasks)} volumes segmented"
+        if self.state == JobState.CANCELLED:
+            return "Cancelled"
+        return f"Failed: {self.errorMessage}"
+
+    @property
+    def segmentationNodes(self) -> list:
+        """The segmentation nodes that received results (existing ones included), in task order."""
+        out = []
+        for t in self.tasks:
+            if t.segmentationNodeID:
+                node = self.scene.GetNodeByID(t.segmentationNodeID)
+                if node is not None and node not in out:
+                    out.append(node)
+        return out
+
+    def _task(self, event: dict) -> VolumeTask | None:
+        item = event.get("item")
+        if item is None:
+            return self.tasks[0] if len(self.tasks) == 1 else None
+        try:
+            item = int(item)
+        except (TypeError, ValueError):
+            return None
+        return self.tasks[item] if 0 <= item < len(self.tasks) else None
+
+    def _onEvent(self, kind: str, event: dict) -> bool:
         task = self._task(event)
         prefix = f"[{task.volumeName}] " if (task is not None and self.batch) else ""
         if kind == "start":
@@ -964,113 +1066,216 @@ class SegmentationJob:
                     task.outputPath = str(path)
                 self._logLine(prefix + "Segmented")
         elif kind == "error":
-            message = str(event.get("message", "unknown error"))
-            self._errorMessages.add(message)
+            message = self._errorEvent(event)
             if task is not None:
                 task.state = TaskState.FAILED
                 task.message = message
             else:
                 self.errorMessage = message
             self._logLine(prefix + "Error: " + message)
-        elif kind == "done":
-            self._doneEvent = event
-        elif kind == "download":
-            self._download(event)
         else:
-            self._logLine(line)
+            return False
+        return True
 
-    def _download(self, event: dict) -> None:
-        what = str(event.get("what") or "weights")
-        done, total = _int(event.get("done"), 0), event.get("total")
-        total = _int(total, 0) if total is not None else 0
-        first = self._downloading is None
-        self._downloading = (what, done, total)
-        if first:
-            self._logLine(f"Downloading {what} (first use; cached afterwards)...")
-        if total and done >= total:
-            self._logLine(f"Downloaded {what} ({total / 1e6:.1f} MB)")
-            self._downloading = None
+    cancelNote = "Cancelled: the scene was not changed"
 
-    def _workerFailureMessage(self) -> str:
-        rc = self.returnCode
-        if rc is not None and rc < 0:
-            try:
-                name = signal.Signals(-rc).name
-            except (ValueError, AttributeError):
-                name = f"signal {-rc}"
-            hint = " (out of memory, or ended by another program)" if -rc == getattr(signal, "SIGKILL", 9) else ""
-            return f"the segmentation worker was killed by {name}{hint}"
-        tail = [l for l in self._stderrTail if l.strip()]
-        detail = ""
-        if tail:
-            errors = [l for l in tail if re.match(r"^\w*(Error|Exception)\b", l.strip()) or "Error:" in l]
-            detail = ": " + (errors[-1] if errors else tail[-1]).strip()
-        return f"the segmentation worker stopped with exit code {rc}{detail}"
+    def _cancelled(self) -> None:
+        for t in self.tasks:
+            t.state = TaskState.CANCELLED
+            t.message = "cancelled"
+        super()._cancelled()
 
-    def _finish(self) -> None:
-        try:
-            if self._cancelRequested:
-                for t in self.tasks:
-                    t.state = TaskState.CANCELLED
-                    t.message = "cancelled"
-                self.state = JobState.CANCELLED
-                if not self.errorMessage or self.errorMessage == "cancelled":
-                    self.errorMessage = "cancelled by the user"
-                self._logLine("Cancelled: the scene was not changed")
-                return
-            crashed = self.returnCode != 0 and not any(t.state == TaskState.FAILED for t in self.tasks) \
-                and not self.errorMessage
-            for t in self.tasks:
-                if t.state == TaskState.SEGMENTED:
-                    if not os.path.isfile(t.outputPath):
-                        t.state = TaskState.FAILED
-                        t.message = "the worker reported a result but wrote no file"
-                        continue
-                    try:
-                        self.logic._importTask(self.scene, t)
-                        t.state = TaskState.SUCCEEDED
-                        node = self.scene.GetNodeByID(t.segmentationNodeID)
-                        self._logLine(f"Imported {len(t.segmentIDs)} segment(s) of {t.volumeName} into "
-                                      f"'{node.GetName() if node else t.segmentationNodeID}'")
-                    except Exception as e:  # keep the scene unchanged for this volume; go on with the others
-                        log.exception("import of %s failed", t.outputPath)
-                        t.state = TaskState.FAILED
-                        t.message = f"import failed: {e}"
-                        self._logLine(f"Error importing {t.volumeName}: {e}")
-                elif t.state in (TaskState.PENDING, TaskState.RUNNING):
+    def _complete(self) -> None:
+        crashed = self.returnCode != 0 and not any(t.state == TaskState.FAILED for t in self.tasks) \
+            and not self.errorMessage
+        for t in self.tasks:
+            if t.state == TaskState.SEGMENTED:
+                if not os.path.isfile(t.outputPath):
                     t.state = TaskState.FAILED
-                    if self.errorMessage:  # e.g. the model could not be loaded
-                        t.message = self.errorMessage
-                    elif self.returnCode != 0:
-                        t.message = self._workerFailureMessage()
-                    else:
-                        t.message = "the worker finished without a result"
-            ok = [t for t in self.tasks if t.state == TaskState.SUCCEEDED]
-            failed = [t for t in self.tasks if t.state == TaskState.FAILED]
-            if not failed:
-                self.state = JobState.SUCCEEDED
-            elif ok:
-                self.state = JobState.PARTIAL
-            else:
-                self.state = JobState.FAILED
-            if failed and not self.errorMessage:
-                if crashed and len(failed) == len(self.tasks):
-                    self.errorMessage = self._workerFailureMessage()
-                elif len(self.tasks) == 1:
-                    self.errorMessage = failed[0].message
+                    t.message = "the worker reported a result but wrote no file"
+                    continue
+                try:
+                    self.logic._importTask(self.scene, t)
+                    t.state = TaskState.SUCCEEDED
+                    node = self.scene.GetNodeByID(t.segmentationNodeID)
+                    self._logLine(f"Imported {len(t.segmentIDs)} segment(s) of {t.volumeName} into "
+                                  f"'{node.GetName() if node else t.segmentationNodeID}'")
+                except Exception as e:  # keep the scene unchanged for this volume; go on with the others
+                    log.exception("import of %s failed", t.outputPath)
+                    t.state = TaskState.FAILED
+                    t.message = f"import failed: {e}"
+                    self._logLine(f"Error importing {t.volumeName}: {e}")
+            elif t.state in (TaskState.PENDING, TaskState.RUNNING):
+                t.state = TaskState.FAILED
+                if self.errorMessage:  # e.g. the model could not be loaded
+                    t.message = self.errorMessage
+                elif self.returnCode != 0:
+                    t.message = self._workerFailureMessage()
                 else:
-                    self.errorMessage = "; ".join(f"{t.volumeName}: {t.message}" for t in failed)
-            self._logLine(self.statusText)
-        finally:
-            self.endTime = time.monotonic()
-            self._cleanup()
-            self.logic._jobFinished(self)
+                    t.message = "the worker finished without a result"
+        ok = [t for t in self.tasks if t.state == TaskState.SUCCEEDED]
+        failed = [t for t in self.tasks if t.state == TaskState.FAILED]
+        if not failed:
+            self.state = JobState.SUCCEEDED
+        elif ok:
+            self.state = JobState.PARTIAL
+        else:
+            self.state = JobState.FAILED
+        if failed and not self.errorMessage:
+            if crashed and len(failed) == len(self.tasks):
+                self.errorMessage = self._workerFailureMessage()
+            elif len(self.tasks) == 1:
+                self.errorMessage = failed[0].message
+            else:
+                self.errorMessage = "; ".join(f"{t.volumeName}: {t.message}" for t in failed)
+        self._logLine(self.statusText)
 
-    def _cleanup(self) -> None:
-        shutil.rmtree(self.tempDir, ignore_errors=True)
-        if os.path.exists(self.tempDir):  # Windows: a file may still be open for a moment
-            time.sleep(0.2)
-            shutil.rmtree(self.tempDir, ignore_errors=True)
+
+class TrainingJob(_WorkerJob):
+    """A running ``gms train`` worker that adapts (or trains) a model on cases exported from the scene. Drive it with
+    :meth:`poll` (never blocks). The worker writes into the job's temporary folder; only a finished model is copied
+    to :attr:`outputFolder` (atomically, under a new name if that folder appeared meanwhile), so a cancelled or
+    failed job leaves nothing behind. When it succeeded, :attr:`modelDir` is the new model folder."""
+
+    workerName = "training worker"
+    cancelNote = "Cancelled: no model was written"
+
+    def __init__(self, logic: "SegmentationLogic", scene, args: list[str], env: dict, tempDir: str,
+                 workerOutput: str, outputFolder: str, export: dict):
+        self.workerOutput = workerOutput
+        self.outputFolder = outputFolder
+        self.export = export
+        self.modelDir = ""
+        self.card: dict = {}
+        self.stage = "starting"  # starting, cache, training, options
+        self.cacheDone = 0
+        self.cacheTotal = 0
+        self.epoch = 0
+        self.epochs: int | None = None
+        self.maxMinutes: float | None = None
+        self.trainSeconds = 0.0
+        self.bestDice: float | None = None
+        self.startDice: float | None = None  # validation Dice of the --init-from model (epoch 0)
+        self.history: list[dict] = []
+        self._result: dict | None = None
+        super().__init__(logic, scene, args, env, tempDir)
+
+    @property
+    def progress(self) -> float:
+        """0..1: encoding the cases 0-0.1, training 0.1-0.9 (epochs, or the time budget if that ends it sooner),
+        choosing the inference options 0.9-1."""
+        if self.state == JobState.SUCCEEDED:
+            return 1.0
+        if self.stage == "cache":
+            return 0.1 * (self.cacheDone / self.cacheTotal if self.cacheTotal else 0.0)
+        if self.stage == "training":
+            parts = [self.epoch / self.epochs] if self.epochs else []
+            if self.maxMinutes:
+                parts.append(self.trainSeconds / (60 * self.maxMinutes))
+            return 0.1 + 0.8 * min(1.0, max(parts, default=0.0))
+        if self.stage == "options":
+            return 0.9
+        return 0.0
+
+    @property
+    def statusText(self) -> str:
+        if self.state == JobState.RUNNING:
+            if self._cancelRequested:
+                return "Cancelling..."
+            if self._downloading is not None:
+                return self._downloadText()
+            if self.stage == "cache":
+                return f"Encoding the cases: {self.cacheDone}/{self.cacheTotal}"
+            if self.stage == "training":
+                if not self.history:
+                    return "Training: first epoch..."
+                best = f", best validation Dice {self.bestDice:.3f}" if self.bestDice is not None else ""
+                budget = f" of {self.maxMinutes:g}" if self.maxMinutes else ""
+                return f"Training: epoch {self.epoch} ({self.trainSeconds / 60:.1f}{budget} min){best}"
+            if self.stage == "options":
+                return "Choosing the inference options on the validation cases..."
+            return "Starting the training worker..."
+        if self.state == JobState.SUCCEEDED:
+            best = f"validation Dice {self.bestDice:.3f}" if self.bestDice is not None else "trained"
+            start = f" (from {self.startDice:.3f})" if self.startDice is not None else ""
+            name = os.path.basename(self.modelDir)
+            return f"Done: model '{name}' saved, {best}{start}, in {self.elapsed / 60:.1f} min"
+        if self.state == JobState.CANCELLED:
+            return "Cancelled: no model was written"
+        return f"Failed: {self.errorMessage}"
+
+    def _onEvent(self, kind: str, event: dict) -> bool:
+        if kind == "log":
+            self._logLine(str(event.get("message", "")))
+        elif kind == "stage":
+            self.stage = str(event.get("stage") or self.stage)
+        elif kind == "progress":
+            self.stage = str(event.get("stage") or self.stage)
+            self.cacheDone = _int(event.get("done"), self.cacheDone)
+            self.cacheTotal = _int(event.get("total"), self.cacheTotal)
+        elif kind == "epoch":
+            self.stage = "training"
+            record = {k: v for k, v in event.items() if k not in ("event", "epochs", "max_minutes", "best")}
+            self.history.append(record)
+            self.epoch = _int(event.get("epoch"), self.epoch)
+            self.epochs = _int(event.get("epochs"), 0) or None
+            self.maxMinutes = event.get("max_minutes") or None
+            self.trainSeconds = float(event.get("elapsed_s") or self.trainSeconds)
+            if event.get("best") is not None and "val_dice" in event:
+                self.bestDice = float(event["best"])
+            if self.epoch == 0 and "val_dice" in event:
+                self.startDice = float(event["val_dice"])
+        elif kind == "result":
+            self._result = event
+        elif kind == "error":
+            self.errorMessage = self._errorEvent(event)
+            self._logLine("Error: " + self.errorMessage)
+        else:
+            return False
+        return True
+
+    def _complete(self) -> None:
+        folder = str((self._result or {}).get("path") or self.workerOutput)
+        if self.returnCode != 0 or self._result is None or not os.path.isfile(os.path.join(folder, "card.json")):
+            self.state = JobState.FAILED
+            if not self.errorMessage:
+                self.errorMessage = (self._workerFailureMessage() if self.returnCode != 0
+                                     else "the training worker finished without a model")
+            self._logLine(self.statusText)
+            return
+        self.modelDir = _publishFolder(folder, self.outputFolder)
+        if self.modelDir != self.outputFolder:
+            self._logLine(f"{self.outputFolder} appeared while training: the model went to {self.modelDir}")
+        self.card = readModelCard(self.modelDir)
+        if self._result.get("best") is not None:
+            self.bestDice = float(self._result["best"])
+        self.state = JobState.SUCCEEDED
+        self._logLine(self.statusText)
+
+
+def _publishFolder(source: str, target: str) -> str:
+    """Copy a finished folder to ``target`` (or ``target-2``, ``-3``... if that exists) through a temporary sibling
+    and a rename, so the target is either absent or complete. Returns the folder written."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".gms-model-", dir=parent)
+    try:
+        staged = os.path.join(tmp, "model")
+        shutil.copytree(source, staged)
+        final, k = target, 2
+        while True:
+            if os.path.isdir(final) and not os.listdir(final):
+                os.rmdir(final)
+            if not os.path.exists(final):
+                try:
+                    os.rename(staged, final)
+                    return final
+                except OSError:
+                    if not os.path.exists(final):
+                        raise
+            final, k = f"{target}-{k}", k + 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _int(value, default: int) -> int:
@@ -1100,8 +1305,8 @@ class SegmentationLogic:
         self.pythonExecutable = pythonExecutable
         self.tempRoot = tempRoot
         self.extraWorkerArgs: list[str] = []
-        self.job: SegmentationJob | None = None
-        self._jobs: list[SegmentationJob] = []
+        self.job: SegmentationJob | TrainingJob | None = None
+        self._jobs: list[_WorkerJob] = []
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _scene(self, nodes: Sequence = ()):
@@ -1162,7 +1367,7 @@ class SegmentationLogic:
         Raises ValueError (clear message, scene unchanged, nothing started) for invalid input.
         """
         if self.running:
-            raise ValueError("a segmentation is already running; cancel it or wait until it finished")
+            raise ValueError("a job is already running; cancel it or wait until it finished")
         single = not isinstance(volumeNodes, (list, tuple))
         nodes = [volumeNodes] if single else list(volumeNodes)
         if not nodes:
@@ -1231,6 +1436,76 @@ class SegmentationLogic:
         except BaseException:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
+        return self._started(job)
+
+    def trainingPairs(self, scene=None, segmentNames: Sequence[str] = ()) -> list[tuple]:
+        """(volume node, segmentation node) for every segmentation node of the scene whose reference geometry is a
+        scalar volume in the scene, in scene order; with ``segmentNames`` only those that have every named segment
+        (case-insensitive). The cases the GUI offers for adapting a model."""
+        scene = scene or self._scene()
+        nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        wanted = {str(n).strip().lower() for n in segmentNames}
+        out = []
+        for i in range(nodes.GetNumberOfItems()):
+            seg = nodes.GetItemAsObject(i)
+            volume = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole())
+            if volume is None or not self.isSegmentableVolume(volume) or volume.IsA("vtkMRMLVectorVolumeNode"):
+                continue
+            segmentation = seg.GetSegmentation()
+            have = {segmentation.GetNthSegment(k).GetName().strip().lower()
+                    for k in range(segmentation.GetNumberOfSegments())}
+            if wanted <= have:
+                out.append((volume, seg))
+        return out
+
+    def startTraining(self, pairs: Sequence, segmentNames: Sequence[str], outputFolder: str,
+                      initFrom: str | None = None, maxMinutes: float | None = None, weightsDir: str | None = None,
+                      extraArgs: Sequence[str] = ()) -> TrainingJob:
+        """Start adapting the model ``initFrom`` (folder or installed name; None = train a new model from scratch) to
+        the (volume node, segmentation node) ``pairs`` and return the running job. The pairs are exported first
+        (:func:`exportTrainingSet`, into the job's temporary folder; label k+1 = ``segmentNames[k]``); the worker is
+        ``python -m GMSSegmentLib train ... --progress json``, which carves its validation cases from the pairs and
+        keeps the starting model unless training beats it on them. ``maxMinutes`` bounds the training time. The new
+        model is written to ``outputFolder`` only when the job succeeded (put it in a folder of ``GMS_MODELS_DIR`` to
+        find it by name).
+
+        Raises ValueError (clear message, nothing written, nothing started) for invalid input."""
+        if self.running:
+            raise ValueError("a job is already running; cancel it or wait until it finished")
+        if len(pairs) < 2:
+            raise ValueError("adapting a model needs at least 2 segmented volumes (one is kept aside to validate on)")
+        if not outputFolder or not str(outputFolder).strip():
+            raise ValueError("choose a folder for the new model")
+        outputFolder = os.path.abspath(os.path.expanduser(str(outputFolder)))
+        if os.path.exists(outputFolder) and (not os.path.isdir(outputFolder) or os.listdir(outputFolder)):
+            raise ValueError(f"{outputFolder} already exists; choose a new folder (models are never overwritten)")
+        initDir = resolveModel(initFrom) if initFrom else None
+        if initDir is not None and os.path.abspath(initDir) == outputFolder:
+            raise ValueError("the new model's folder is the model being adapted; choose another folder")
+        if maxMinutes is not None and not float(maxMinutes) > 0:
+            raise ValueError(f"the time budget must be positive, got {maxMinutes} minutes")
+        if weightsDir and not os.path.isdir(os.path.expanduser(str(weightsDir))):
+            raise ValueError(f"foundation weights folder not found: {weightsDir}")
+        scene = self._scene([n for pair in pairs for n in pair])
+        tempDir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self._tempRoot())
+        try:
+            export = exportTrainingSet(pairs, os.path.join(tempDir, "data"), segmentNames)
+            workerOutput = os.path.join(tempDir, "model")
+            extra = ["--name", os.path.basename(outputFolder), "--work-dir", os.path.join(tempDir, "work")]
+            if weightsDir:
+                extra += ["--weights-dir", os.path.abspath(os.path.expanduser(str(weightsDir)))]
+            python = self.pythonExecutable or findPythonExecutable()
+            args = [python, "-m", "GMSSegmentLib", *trainingArguments(
+                export["folder"], workerOutput, export["segments"], initFrom=initDir, maxMinutes=maxMinutes,
+                extra=[*extra, *self.extraWorkerArgs, *extraArgs])]
+            job = TrainingJob(self, scene, args, workerEnvironment(weightsDir), tempDir, workerOutput, outputFolder,
+                              export)
+        except BaseException:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        return self._started(job)
+
+    def _started(self, job):
         self.job = job
         self._jobs.append(job)
         return job
@@ -1255,7 +1530,7 @@ class SegmentationLogic:
                     job._worker.proc.wait(timeout=2)
                 job.poll()
 
-    def _jobFinished(self, job: SegmentationJob) -> None:
+    def _jobFinished(self, job: _WorkerJob) -> None:
         with contextlib.suppress(ValueError):
             self._jobs.remove(job)
 

@@ -45,7 +45,7 @@ class TrainConfig:
     segments: list[str] = field(default_factory=lambda: ["lesion"])
     label_values: list[int] | None = None  # values in the mask files, one per segment (2D default 255, 3D 1..n)
     input_size: int | None = None  # None: the --init-from model's input size, else 224
-    axis: int = 0
+    axis: int | None = None  # slicing axis of 3D data; None: the --init-from model's, else 0
     normalization: dict | None = None
     foundation: dict = field(default_factory=lambda: {"name": "taef2"})
     weights_dir: str | None = None
@@ -80,9 +80,10 @@ class TrainConfig:
     #                               the training: adapting it to new data instead of training from scratch
 
 
-def _log(msg: str, log_file: Path | None = None):
+def _log(msg: str, log_file: Path | None = None, echo: bool = True):
     line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
+    if echo:
+        print(line, flush=True)
     if log_file is not None:
         with open(log_file, "a") as f:
             f.write(line + "\n")
@@ -110,7 +111,8 @@ class LatentCache:
 
     @classmethod
     def build(cls, samples_fn, names: list[str], copies: int, foundation, size: int, codes: np.ndarray, seed: int,
-              path: Path | None, log=print, batch: int = 16, precision: str = "fp32") -> "LatentCache":
+              path: Path | None, log=print, batch: int = 16, precision: str = "fp32",
+              progress=None) -> "LatentCache":
         if path is not None and path.is_file():
             t = load_file(str(path))
             log(f"latent cache: loaded {path.name} ({t['img'].shape[0]} entries)")
@@ -144,6 +146,8 @@ class LatentCache:
                     if len(pend_i) >= batch:
                         flush()
             done += copies
+            if progress is not None:
+                progress(done, total)
             if time.time() - last_log > 30:
                 last_log = time.time()
                 log(f"latent cache: encoded {done}/{total} ({time.time() - t0:.0f} s)")
@@ -213,24 +217,34 @@ def _split_names(cfg: TrainConfig, root: Path, layout: str):
     return train, val
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, events=None) -> Path:
+    """Train (or with ``cfg.init_from`` adapt) a model; returns its folder. ``events(kind, **fields)``, if given,
+    receives what the worker protocol reports (``gms train --progress json``) instead of the log lines on stdout:
+    ``log`` (message), ``stage`` (cache / training / options), ``progress`` (stage cache: done, total entries),
+    ``epoch`` (the epoch's record plus epochs, max_minutes and the best validation Dice so far) and at the end
+    ``result`` (path, best). The log file in the work folder gets every log line either way."""
     from .autoencoders import foundation_fingerprint, load_foundation
 
     if not 0 <= cfg.ema < 1:  # checked before any data is read or encoded
         raise GMSError(f"--ema must be 0 (off) or a decay in (0, 1), got {cfg.ema}")
     base, base_ref = _init_model(cfg) if cfg.init_from else (None, None)
-    if base is not None:  # the base model's input size and normalisation unless given
+    if base is not None:  # the base model's input size, normalisation and slicing axis unless given
         cfg = replace(cfg, input_size=cfg.input_size or base.input_size,
-                      normalization=cfg.normalization or base.card.get("normalization"))
-    elif cfg.input_size is None:
-        cfg = replace(cfg, input_size=224)
+                      normalization=cfg.normalization or base.card.get("normalization"),
+                      axis=cfg.axis if cfg.axis is not None else int(base.card.get("axis", 0)))
+    else:
+        cfg = replace(cfg, input_size=cfg.input_size or 224, axis=cfg.axis or 0)
     root = Path(cfg.data)
     layout = detect_layout(root)
     out = Path(cfg.output)
     work = Path(cfg.work_dir) if cfg.work_dir else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     log_file = work / "train.log"
-    log = lambda m: _log(m, log_file)  # noqa: E731
+    report = events or (lambda kind, **fields: None)
+
+    def log(m):
+        _log(m, log_file, echo=events is None)
+        report("log", message=m)
     torch.manual_seed(cfg.seed)
 
     n_seg = len(cfg.segments)
@@ -245,11 +259,14 @@ def train(cfg: TrainConfig) -> Path:
         norm = cfg.normalization or {"mode": "percentile", "low": 0.5, "high": 99.5}
         # the training volumes' orientation (the most common one; the others are permuted/flipped into it) is
         # recorded in the card, and inference brings every input volume into it
+        # (adapting a model: its own orientation, which its slices were learned in)
         found = Counter(volume_orientation(root, n) for n in train_names)
         named = sorted(((c, k) for k, c in found.items() if k), key=lambda t: (-t[0], t[1]))
-        orientation = named[0][1] if named else None
+        orientation = (base.card.get("orientation") if base is not None else None) or (named[0][1] if named else None)
         if len(found) > 1:
             log(f"training volumes in several orientations {dict(found)}: all brought into {orientation}")
+        elif set(found) - {orientation}:
+            log(f"training volumes in {dict(found)}: brought into the --init-from model's {orientation}")
         samples_fn = lambda n: load_3d(root, n, norm, cfg.axis, label_values, orientation)  # noqa: E731
     if len(label_values) != n_seg:
         raise GMSError(f"{n_seg} segment names but {len(label_values)} label values")
@@ -282,10 +299,15 @@ def train(cfg: TrainConfig) -> Path:
     train_cache = cache_dir / f"train-{key}{'-bf16' if precision == 'bf16' else ''}.safetensors"
     cache_existed = train_cache.is_file()
     log(f"training precision {precision} (requested {cfg.precision})")
+    report("stage", stage="cache")
+    n_tr = len(train_names) * cfg.augment_copies  # progress over both caches, in samples (3D: volumes) encoded
     tr = LatentCache.build(samples_fn, train_names, cfg.augment_copies, foundation, cfg.input_size, codes, cfg.seed,
-                           train_cache, log, precision=precision)
+                           train_cache, log, precision=precision,
+                           progress=lambda d, t: report("progress", stage="cache", done=d, total=n_tr + len(val_names)))
     va = LatentCache.build(samples_fn, val_names, 1, foundation, cfg.input_size, codes, cfg.seed,
-                           cache_dir / f"val-{key}.safetensors", log)
+                           cache_dir / f"val-{key}.safetensors", log,
+                           progress=lambda d, t: report("progress", stage="cache", done=n_tr + d,
+                                                        total=n_tr + len(val_names)))
 
     cache_s = time.time() - t_cache
 
@@ -378,6 +400,7 @@ def train(cfg: TrainConfig) -> Path:
     tr_img, tr_mask = tr.img.float(), tr.mask.float()
     tr_lab = tr.labels.long()
     va_img = va.img.float()
+    report("stage", stage="training")
     if base is not None and start_epoch == 0:
         # the starting point is validated first and kept unless training beats it on the validation cases
         best = validate(model, va_img, va.labels, codes_t, n_seg)
@@ -388,6 +411,7 @@ def train(cfg: TrainConfig) -> Path:
         model.save(out, overwrite=True)
         history.append({"epoch": 0, "val_dice": best, "elapsed_s": 0.0, "saved": True})
         log(json.dumps(history[-1]) + f"  (the starting point, {cfg.init_from})")
+        report("epoch", **history[-1], epochs=cfg.epochs, max_minutes=cfg.max_minutes, best=best)
     step = start_epoch * steps_per_epoch
     epoch = start_epoch
     stopped_early = False
@@ -456,6 +480,7 @@ def train(cfg: TrainConfig) -> Path:
                 rec["saved"] = True
         history.append(rec)
         log(json.dumps(rec))
+        report("epoch", **rec, epochs=cfg.epochs, max_minutes=cfg.max_minutes, best=best)
         state = {"lmm": lmm.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "best": best,
                  "history": json.dumps(history)}
         if ema_lmm is not None:
@@ -475,8 +500,10 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.select_postprocess:
         from .evaluate import select_postprocess
 
+        report("stage", stage="options")
         select_postprocess(out, root, weights_dir=cfg.weights_dir, device="cpu")
     log(f"done: best validation Dice {best:.4f}; model folder {out}")
+    report("result", path=str(out.resolve()), best=best)
     return out
 
 
