@@ -750,11 +750,12 @@ class VolumeTask:
 
 
 class _WorkerJob:
-    """What every background job shares: the worker process, its log, polling, waiting and cancelling. Subclasses
-    handle the worker's JSON events (:meth:`_handleStdout`) and finish the job once it has exited (:meth:`_finish`,
-    which ends with :meth:`_cleanup` and ``logic._jobFinished``)."""
+    """What every background job shares: the worker process, its log, polling, waiting and cancelling, the events
+    every worker sends (``done``, ``download``) and the finishing sequence. Subclasses handle their own events
+    (:meth:`_onEvent`) and settle a job whose worker has exited without a cancel (:meth:`_complete`)."""
 
     workerName = "worker"
+    cancelNote = "Cancelled"  # the log line of a cancelled job
     batch = False
     tasks: Sequence = ()
 
@@ -902,8 +903,6 @@ class _WorkerJob:
     def _onEvent(self, kind: str, event: dict) -> bool:
         """Handle a job-specific event; False for an unknown one (it goes to the log as it came)."""
         raise NotImplementedError
-
-    cancelNote = "Cancelled"
 
     def _cancelled(self) -> None:
         self.state = JobState.CANCELLED
@@ -1201,7 +1200,7 @@ class TrainingJob(_WorkerJob):
             name = os.path.basename(self.modelDir)
             return f"Done: model '{name}' saved, {best}{start}, in {self.elapsed / 60:.1f} min"
         if self.state == JobState.CANCELLED:
-            return "Cancelled: no model was written"
+            return self.cancelNote
         return f"Failed: {self.errorMessage}"
 
     def _onEvent(self, kind: str, event: dict) -> bool:

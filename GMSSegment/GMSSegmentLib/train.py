@@ -300,14 +300,15 @@ def train(cfg: TrainConfig, events=None) -> Path:
     cache_existed = train_cache.is_file()
     log(f"training precision {precision} (requested {cfg.precision})")
     report("stage", stage="cache")
-    n_tr = len(train_names) * cfg.augment_copies  # progress over both caches, in samples (3D: volumes) encoded
+    # progress over both caches, in samples (3D: volumes) encoded
+    n_tr = len(train_names) * cfg.augment_copies
+    n_all = n_tr + len(val_names)
     tr = LatentCache.build(samples_fn, train_names, cfg.augment_copies, foundation, cfg.input_size, codes, cfg.seed,
                            train_cache, log, precision=precision,
-                           progress=lambda d, t: report("progress", stage="cache", done=d, total=n_tr + len(val_names)))
+                           progress=lambda d, _: report("progress", stage="cache", done=d, total=n_all))
     va = LatentCache.build(samples_fn, val_names, 1, foundation, cfg.input_size, codes, cfg.seed,
                            cache_dir / f"val-{key}.safetensors", log,
-                           progress=lambda d, t: report("progress", stage="cache", done=n_tr + d,
-                                                        total=n_tr + len(val_names)))
+                           progress=lambda d, _: report("progress", stage="cache", done=n_tr + d, total=n_all))
 
     cache_s = time.time() - t_cache
 
