@@ -409,7 +409,7 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start adapting the model."), waitCursor=True):
             card = slicer_logic.readModelCard(model)
             names = [str(seg.get("name")) for seg in card.get("segments", [])]
-            pairs = self.logic.trainingPairs(slicer.mrmlScene, names)
+            pairs = self.logic.trainingPairs(slicer.mrmlScene, names, dimension=int(card.get("dimension") or 3))
             checked = {n.GetID() for n in self.ui.adaptSegmentationsComboBox.checkedNodes()}
             if checked:
                 pairs = [(volume, seg) for volume, seg in pairs if seg.GetID() in checked]

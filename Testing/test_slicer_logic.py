@@ -890,3 +890,97 @@ def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(
     assert os.listdir(tmp_path / "jobs") == []
     assert_process_group_gone(job.pid)
     logic.shutdown()
+
+
+def _labelled_image(scene, shared_dir, case: str, vector: bool | None = None):
+    """A real BUSI image as a (single-slice) volume node and its real mask as a segmentation node whose segment is
+    named 'Lesion'. Returns (volume node, segmentation node, the image array as loaded, the 0/1 mask)."""
+    root = Path(shared_dir) / "data" / "busi"
+    vol = L.addVolumeNodeFromFile(scene, str(root / "images" / f"{case}.png"), vector=vector)
+    mask = (sitk.GetArrayFromImage(sitk.ReadImage(str(root / "masks" / f"{case}.png"))) > 127).astype(np.uint8)
+    if mask.ndim == 3:  # a mask stored as RGB
+        mask = mask[..., 0]
+    seg = _segmentationFromLabels(scene, vol, mask[np.newaxis], ["Lesion"])
+    return vol, seg, slicer.util.arrayFromVolume(vol).copy(), mask
+
+
+def _segmentationFromLabels(scene, volume, labels: np.ndarray, names: list[str]):
+    lm = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    slicer.util.updateVolumeFromArray(lm, np.ascontiguousarray(labels.astype(np.uint8)))
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    lm.SetIJKToRASMatrix(m)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lm, seg)
+    s = seg.GetSegmentation()
+    assert s.GetNumberOfSegments() == len(names)
+    for i, n in enumerate(names):
+        s.GetSegment(s.GetNthSegmentID(i)).SetName(n)
+    scene.RemoveNode(lm)
+    return seg
+
+
+def test_2d_images_export_as_png_pairs_that_adapt_a_2d_model(scene, shared_dir, tmp_path):
+    """Adapting a 2D model (busi-lesion) from the scene: single-slice gray and RGB volumes with their segmentations
+    export as images/ + masks/ PNGs equal to the source files (a multi-slice clip gives its labelled slices only,
+    non-8-bit volumes are refused with nothing written), trainingPairs offers RGB volumes to 2D models only, and the
+    worker adapts busi-lesion on them into a 2D model."""
+    from PIL import Image
+
+    cases = ["benign_102", "benign_13", "malignant_1", "benign_1"]  # RGB (made gray), RGB, gray, gray files
+    loaded = [_labelled_image(scene, shared_dir, c, vector=None if i % 2 else False) for i, c in enumerate(cases)]
+    pairs = [(v, s) for v, s, _, _ in loaded]
+    assert any(v.IsA("vtkMRMLVectorVolumeNode") for v, _ in pairs)  # RGB files stay RGB unless converted
+    assert not all(v.IsA("vtkMRMLVectorVolumeNode") for v, _ in pairs)
+    data = tmp_path / "export2d"
+    info = L.exportTrainingSet(pairs, str(data), ["lesion"], dimension=2)
+    assert info["cases"] == cases and info["dimension"] == 2
+    assert json.loads((data / "split.json").read_text()) == {"train": cases}
+    assert json.loads((data / "dataset.json").read_text())["labels"] == {"lesion": 255}
+    for case, (_, _, image, mask) in zip(cases, loaded):
+        np.testing.assert_array_equal(np.asarray(Image.open(data / "images" / f"{case}.png")), image[0])
+        np.testing.assert_array_equal(np.asarray(Image.open(data / "masks" / f"{case}.png")), mask * 255)
+    assert info["voxels"] == {"lesion": int(sum(m.sum() for _, _, _, m in loaded))}
+
+    # a 3-slice clip labelled on its first and last slice: those two slices are the cases
+    _, _, image0, mask0 = loaded[1]
+    clip = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "clip")
+    gray = image0[0] if image0.ndim == 3 else np.round(image0[0] @ [0.299, 0.587, 0.114]).astype(np.uint8)
+    slicer.util.updateVolumeFromArray(clip, np.stack([gray, gray[::-1], gray[:, ::-1]]))
+    clipSeg = _segmentationFromLabels(scene, clip, np.stack([mask0, 0 * mask0, mask0[:, ::-1]]), ["lesion"])
+    clipInfo = L.exportTrainingSet([(clip, clipSeg)], str(tmp_path / "clip"), ["lesion"], dimension=2)
+    assert clipInfo["cases"] == ["clip_0", "clip_2"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "clip" / "images" / "clip_2.png")), gray[:, ::-1])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "clip" / "masks" / "clip_2.png")),
+                                  mask0[:, ::-1] * 255)
+
+    # refused before anything is written: values beyond 8 bits, a 3D export of RGB volumes
+    wide = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "wide")
+    slicer.util.updateVolumeFromArray(wide, (gray[np.newaxis].astype(np.int16) * 4))
+    wideSeg = _segmentationFromLabels(scene, wide, mask0[np.newaxis], ["lesion"])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match="not an 8-bit image"):
+        L.exportTrainingSet([pairs[0], (wide, wideSeg)], str(tmp_path / "bad"), ["lesion"], dimension=2)
+    with pytest.raises(ValueError, match="not a scalar volume"):
+        L.exportTrainingSet(pairs, str(tmp_path / "bad"), ["lesion"], dimension=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+    logic = L.SegmentationLogic(scene=scene, tempRoot=str(tmp_path / "jobs"))
+    found = [s.GetID() for _, s in logic.trainingPairs(scene, ["lesion"], dimension=2)]
+    assert found == [s.GetID() for _, s in pairs] + [clipSeg.GetID(), wideSeg.GetID()]
+    assert [s.GetID() for _, s in logic.trainingPairs(scene, ["lesion"], dimension=3)] == \
+        [s.GetID() for v, s in pairs if not v.IsA("vtkMRMLVectorVolumeNode")] + [clipSeg.GetID(), wideSeg.GetID()]
+
+    out = tmp_path / "models" / "busi-adapted"
+    job = logic.startTraining(pairs, ["lesion"], str(out), initFrom="busi-lesion",
+                              extraArgs=["--epochs", "1", "--augment-copies", "1", "--warmup-epochs", "1",
+                                         "--val-fraction", "0.5", "--no-postprocess-select"])
+    assert job.wait(JOB_TIMEOUT) == L.JobState.SUCCEEDED, (job.errorMessage, job.log[-20:])
+    card = card_of(out)
+    assert card["dimension"] == 2 and card["input_size"] == 224 and card["normalization"] == {"mode": "photo"}
+    assert card["training"]["layout"] == "2d" and card["training"]["init_from"]["name"] == "busi-lesion"
+    assert card["training"]["train_cases"] == 2 and [h["epoch"] for h in job.history] == [0, 1]
+    assert job.startDice > 0.5  # busi-lesion on images of its own training list
+    assert os.listdir(tmp_path / "jobs") == []
+    logic.shutdown()

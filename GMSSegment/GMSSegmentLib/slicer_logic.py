@@ -84,7 +84,8 @@ __all__ = [
 ]
 
 #: Python packages the worker needs (torch comes from Slicer's PyTorch extension, SimpleITK ships with Slicer)
-REQUIREMENTS = ("torch>=2.1", "numpy>=1.24", "SimpleITK>=2.2", "safetensors>=0.4", "scipy>=1.10", "tqdm>=4.60")
+REQUIREMENTS = ("torch>=2.1", "numpy>=1.24", "SimpleITK>=2.2", "safetensors>=0.4", "scipy>=1.10", "tqdm>=4.60",
+                "pillow>=9")
 #: needed only by models whose foundation autoencoder comes from diffusers
 OPTIONAL_REQUIREMENTS = {"diffusers": ("diffusers>=0.27",)}
 
@@ -349,19 +350,44 @@ def _caseName(name: str, taken: set) -> str:
     return case
 
 
-def exportTrainingSet(pairs: Sequence, folder: str, segmentNames: Sequence[str]) -> dict:
-    """Write (volume node, segmentation node) pairs as a data set that ``gms train`` reads: ``imagesTr/<case>.nii.gz``,
-    ``labelsTr/<case>.nii.gz`` (label k+1 = the segment named ``segmentNames[k]``, on the volume's own grid) and
-    ``split.json`` with every case in its ``train`` list (training carves its validation part from it) and
-    ``dataset.json`` naming the label values.
+def _eightBit(array: np.ndarray, what: str) -> np.ndarray:
+    """``array`` as uint8 if its values are whole numbers in 0..255 (8-bit photos, ultrasound, endoscopy), else a
+    ValueError naming ``what``: 2D models read 8-bit images, and rescaling other values would train on intensities
+    that inference never sees."""
+    if array.dtype == np.uint8:
+        return array
+    if array.size and (array.dtype.kind == "f" and not np.isfinite(array).all()):
+        raise ValueError(f"{what} has non-finite values; 2D models train on 8-bit images")
+    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if lo < 0 or hi > 255 or (array.dtype.kind == "f" and not np.array_equal(array, np.round(array))):
+        raise ValueError(f"{what} is not an 8-bit image (values {lo:g}..{hi:g}, {array.dtype}); 2D models train on "
+                         "8-bit images (0..255), as photos, ultrasound and endoscopy frames are stored")
+    return array.astype(np.uint8)
 
-    Everything is checked before anything is written (scalar volumes, every named segment present in every
-    segmentation); the files are written to a temporary folder beside ``folder`` and renamed at the end, so a failure
-    leaves nothing behind, and an existing non-empty ``folder`` is never written into. Returns ``{"folder", "cases",
-    "segments", "voxels"}`` (foreground voxels per segment name)."""
+
+def exportTrainingSet(pairs: Sequence, folder: str, segmentNames: Sequence[str], dimension: int = 3) -> dict:
+    """Write (volume node, segmentation node) pairs as a data set that ``gms train`` reads.
+
+    ``dimension`` 3 (3D models): ``imagesTr/<case>.nii.gz`` and ``labelsTr/<case>.nii.gz`` (label k+1 = the segment
+    named ``segmentNames[k]``, on the volume's own grid), scalar volumes only.
+    ``dimension`` 2 (2D models, e.g. ultrasound or endoscopy frames): ``images/<case>.png`` (8-bit gray or RGB, the
+    volume's slice as stored: rows J, columns I) and ``masks/<case>.png`` (one segment: 255; several: k+1). A
+    single-slice volume is one case; of a multi-slice volume (a cine clip) every slice with a labelled pixel is one
+    case (``<case>_<k>``), as annotators label some frames of a clip, not all.
+
+    Both write ``split.json`` with every case in its ``train`` list (training carves its validation part from it) and
+    ``dataset.json`` naming the label values. Everything is checked before anything is written (scalar volumes for
+    3D, 8-bit values for 2D, every named segment present in every segmentation); the files are written to a
+    temporary folder beside ``folder`` and renamed at the end, so a failure leaves nothing behind, and an existing
+    non-empty ``folder`` is never written into. Returns ``{"folder", "cases", "segments", "voxels", "dimension"}``
+    (foreground voxels per segment name)."""
     names = [str(n).strip() for n in segmentNames]
     if not names or any(not n for n in names) or len({n.lower() for n in names}) != len(names):
         raise ValueError(f"segment names must be non-empty and distinct, got {list(segmentNames)}")
+    if dimension not in (2, 3):
+        raise ValueError(f"dimension must be 2 or 3, got {dimension!r}")
+    if dimension == 2 and len(names) > 254:
+        raise ValueError("a 2D training set holds at most 254 segments (8-bit masks)")
     if not pairs:
         raise ValueError("no (volume, segmentation) pairs to export")
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
@@ -371,9 +397,16 @@ def exportTrainingSet(pairs: Sequence, folder: str, segmentNames: Sequence[str])
         if volumeNode is None or segmentationNode is None:
             raise ValueError("each pair needs a volume node and a segmentation node")
         image = volumeNode.GetImageData()
-        if image is None or image.GetNumberOfScalarComponents() != 1:
-            raise ValueError(f"volume '{volumeNode.GetName()}' is not a scalar volume (training exports scalar "
+        if image is None:
+            raise ValueError(f"volume '{volumeNode.GetName()}' has no image data")
+        if dimension == 3 and image.GetNumberOfScalarComponents() != 1:
+            raise ValueError(f"volume '{volumeNode.GetName()}' is not a scalar volume (3D models train on scalar "
                              "volumes only)")
+        if dimension == 2:
+            if image.GetNumberOfScalarComponents() not in (1, 3, 4):
+                raise ValueError(f"volume '{volumeNode.GetName()}' has {image.GetNumberOfScalarComponents()} "
+                                 "components per voxel; 2D models train on gray or RGB images")
+            _eightBit(_volumeArray(volumeNode), f"volume '{volumeNode.GetName()}'")
         seg = segmentationNode.GetSegmentation()
         byName = {}
         for i in range(seg.GetNumberOfSegments()):
@@ -390,42 +423,84 @@ def exportTrainingSet(pairs: Sequence, folder: str, segmentNames: Sequence[str])
     tmp = tempfile.mkdtemp(prefix=".gms-export-", dir=parent)
     taken: set = set()
     cases, voxels = [], {n: 0 for n in names}
+    subs = ("imagesTr", "labelsTr") if dimension == 3 else ("images", "masks")
     try:
-        os.makedirs(os.path.join(tmp, "imagesTr"))
-        os.makedirs(os.path.join(tmp, "labelsTr"))
+        for sub in subs:
+            os.makedirs(os.path.join(tmp, sub))
         for volumeNode, segmentationNode, ids in plan:
             case = _caseName(volumeNode.GetName(), taken)
-            scene = volumeNode.GetScene()
-            labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+            labels, labelNode = _segmentsOnVolumeGrid(segmentationNode, ids, volumeNode, keepNode=dimension == 3)
             try:
-                idArray = vtk.vtkStringArray()
-                for sid in ids:
-                    idArray.InsertNextValue(sid)
-                if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                        segmentationNode, idArray, labelNode, volumeNode):
-                    raise ValueError(f"cannot export the segments of '{segmentationNode.GetName()}' onto "
-                                     f"'{volumeNode.GetName()}'")
-                labels = _volumeArray(labelNode)
-                if labels.shape != tuple(reversed(volumeNode.GetImageData().GetDimensions())):
-                    raise ValueError(f"the labels of '{volumeNode.GetName()}' came out on another grid")
                 for k, n in enumerate(names):
                     voxels[n] += int((labels == k + 1).sum())
-                exportVolumeNode(volumeNode, os.path.join(tmp, "imagesTr", f"{case}.nii.gz"), compress=True)
-                exportVolumeNode(labelNode, os.path.join(tmp, "labelsTr", f"{case}.nii.gz"), compress=True)
+                if dimension == 3:
+                    exportVolumeNode(volumeNode, os.path.join(tmp, "imagesTr", f"{case}.nii.gz"), compress=True)
+                    exportVolumeNode(labelNode, os.path.join(tmp, "labelsTr", f"{case}.nii.gz"), compress=True)
+                    cases.append(case)
+                else:
+                    cases += _writeFrames(tmp, case, _eightBit(_volumeArray(volumeNode), volumeNode.GetName()),
+                                          labels, len(names), taken, segmentationNode.GetName())
             finally:
-                _removeNode(scene, labelNode)
-            cases.append(case)
+                if labelNode is not None:
+                    _removeNode(labelNode.GetScene(), labelNode)
         with open(os.path.join(tmp, "split.json"), "w") as f:
             json.dump({"train": cases}, f, indent=1)
+        labelValues = {n: (255 if dimension == 2 and len(names) == 1 else k + 1) for k, n in enumerate(names)}
         with open(os.path.join(tmp, "dataset.json"), "w") as f:  # for people: which label value is which segment
-            json.dump({"labels": {n: k + 1 for k, n in enumerate(names)}, "cases": len(cases)}, f, indent=1)
+            json.dump({"labels": labelValues, "cases": len(cases), "dimension": dimension}, f, indent=1)
         if os.path.isdir(folder):
             os.rmdir(folder)  # empty, checked above
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"folder": folder, "cases": cases, "segments": names, "voxels": voxels}
+    return {"folder": folder, "cases": cases, "segments": names, "voxels": voxels, "dimension": dimension}
+
+
+def _segmentsOnVolumeGrid(segmentationNode, segmentIds: Sequence[str], volumeNode, keepNode: bool = False):
+    """The segments as one (K, J, I) label array on the volume's grid (label k+1 = ``segmentIds[k]``) and, with
+    ``keepNode``, the temporary labelmap node holding it (the caller removes it), else None."""
+    scene = volumeNode.GetScene()
+    labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        idArray = vtk.vtkStringArray()
+        for sid in segmentIds:
+            idArray.InsertNextValue(sid)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentationNode, idArray, labelNode, volumeNode):
+            raise ValueError(f"cannot export the segments of '{segmentationNode.GetName()}' onto "
+                             f"'{volumeNode.GetName()}'")
+        labels = _volumeArray(labelNode)
+        if labels.shape != tuple(reversed(volumeNode.GetImageData().GetDimensions())):
+            raise ValueError(f"the labels of '{volumeNode.GetName()}' came out on another grid")
+    except BaseException:
+        _removeNode(scene, labelNode)
+        raise
+    if keepNode:
+        return labels, labelNode
+    _removeNode(scene, labelNode)
+    return labels, None
+
+
+def _writeFrames(folder: str, case: str, image: np.ndarray, labels: np.ndarray, nSegments: int, taken: set,
+                 segmentationName: str) -> list[str]:
+    """Write the slices of one 2D case (see exportTrainingSet) as PNG image/mask pairs; returns the case names."""
+    from PIL import Image
+
+    if image.shape[0] == 1:
+        frames = [(case, 0)]
+    else:
+        frames = [(_caseName(f"{case}_{k}", taken), k) for k in range(image.shape[0]) if labels[k].any()]
+        if not frames:
+            raise ValueError(f"segmentation '{segmentationName}' labels no slice of its {image.shape[0]}-slice "
+                             "volume; label the frames to train on")
+    for name, k in frames:
+        Image.fromarray(np.ascontiguousarray(image[k])).save(os.path.join(folder, "images", f"{name}.png"))
+        mask = labels[k].astype(np.uint8)
+        if nSegments == 1:
+            mask = np.where(mask == 1, 255, 0).astype(np.uint8)
+        Image.fromarray(mask).save(os.path.join(folder, "masks", f"{name}.png"))
+    return [name for name, _ in frames]
 
 
 def trainingArguments(dataFolder: str, outputFolder: str, segmentNames: Sequence[str], initFrom: str | None = None,
@@ -1437,10 +1512,11 @@ class SegmentationLogic:
             raise
         return self._started(job)
 
-    def trainingPairs(self, scene=None, segmentNames: Sequence[str] = ()) -> list[tuple]:
+    def trainingPairs(self, scene=None, segmentNames: Sequence[str] = (), dimension: int = 3) -> list[tuple]:
         """(volume node, segmentation node) for every segmentation node of the scene whose reference geometry is a
-        scalar volume in the scene, in scene order; with ``segmentNames`` only those that have every named segment
-        (case-insensitive). The cases the GUI offers for adapting a model."""
+        volume in the scene, in scene order; with ``segmentNames`` only those that have every named segment
+        (case-insensitive). ``dimension`` is the model's (card ``dimension``): 3 takes scalar volumes only, 2 also RGB
+        (vector) volumes such as endoscopy frames. The cases the GUI offers for adapting a model."""
         scene = scene or self._scene()
         nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
         wanted = {str(n).strip().lower() for n in segmentNames}
@@ -1448,7 +1524,9 @@ class SegmentationLogic:
         for i in range(nodes.GetNumberOfItems()):
             seg = nodes.GetItemAsObject(i)
             volume = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole())
-            if volume is None or not self.isSegmentableVolume(volume) or volume.IsA("vtkMRMLVectorVolumeNode"):
+            if volume is None or not self.isSegmentableVolume(volume):
+                continue
+            if volume.IsA("vtkMRMLVectorVolumeNode") and int(dimension) != 2:
                 continue
             segmentation = seg.GetSegmentation()
             have = {segmentation.GetNthSegment(k).GetName().strip().lower()
@@ -1462,11 +1540,12 @@ class SegmentationLogic:
                       extraArgs: Sequence[str] = ()) -> TrainingJob:
         """Start adapting the model ``initFrom`` (folder or installed name; None = train a new model from scratch) to
         the (volume node, segmentation node) ``pairs`` and return the running job. The pairs are exported first
-        (:func:`exportTrainingSet`, into the job's temporary folder; label k+1 = ``segmentNames[k]``); the worker is
-        ``python -m GMSSegmentLib train ... --progress json``, which carves its validation cases from the pairs and
-        keeps the starting model unless training beats it on them. ``maxMinutes`` bounds the training time. The new
-        model is written to ``outputFolder`` only when the job succeeded (put it in a folder of ``GMS_MODELS_DIR`` to
-        find it by name).
+        (:func:`exportTrainingSet`, into the job's temporary folder; label k+1 = ``segmentNames[k]``) as 3D volumes or,
+        for a 2D model (card ``dimension`` 2; without ``initFrom``: when every volume is a single slice), as 8-bit
+        PNG images; the worker is ``python -m GMSSegmentLib train ... --progress json``, which carves its validation
+        cases from the pairs and keeps the starting model unless training beats it on them. ``maxMinutes`` bounds
+        the training time. The new model is written to ``outputFolder`` only when the job succeeded (put it in a
+        folder of ``GMS_MODELS_DIR`` to find it by name).
 
         Raises ValueError (clear message, nothing written, nothing started) for invalid input."""
         if self.running:
@@ -1485,10 +1564,16 @@ class SegmentationLogic:
             raise ValueError(f"the time budget must be positive, got {maxMinutes} minutes")
         if weightsDir and not os.path.isdir(os.path.expanduser(str(weightsDir))):
             raise ValueError(f"foundation weights folder not found: {weightsDir}")
+        if initDir is not None:
+            dimension = int(readModelCard(initDir).get("dimension") or 3)
+        else:
+            single = all(v is not None and v.GetImageData() is not None and v.GetImageData().GetDimensions()[2] == 1
+                         for v, _ in pairs)
+            dimension = 2 if single else 3
         scene = self._scene([n for pair in pairs for n in pair])
         tempDir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self._tempRoot())
         try:
-            export = exportTrainingSet(pairs, os.path.join(tempDir, "data"), segmentNames)
+            export = exportTrainingSet(pairs, os.path.join(tempDir, "data"), segmentNames, dimension=dimension)
             workerOutput = os.path.join(tempDir, "model")
             extra = ["--name", os.path.basename(outputFolder), "--work-dir", os.path.join(tempDir, "work")]
             if weightsDir:
