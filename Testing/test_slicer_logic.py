@@ -813,7 +813,7 @@ def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(
     assert json.loads((data / "split.json").read_text()) == {"train": info["cases"]}
     for case, src in zip(info["cases"], ("hippocampus_001", "hippocampus_003")):
         for sub in ("imagesTr", "labelsTr"):
-            got = sitk.ReadImage(str(data / sub / f"{case}.nii.gz"))
+            got = sitk.ReadImage(str(data / sub / f"{case}.nrrd"))
             want = sitk.ReadImage(str(root / sub / f"{src}.nii.gz"))
             np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
             np.testing.assert_allclose(got.GetOrigin(), want.GetOrigin(), atol=1e-4)
@@ -822,7 +822,7 @@ def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(
     first = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "labelsTr" / "hippocampus_001.nii.gz")))
     # the order of the names decides the label values (names match case-insensitively)
     swapped = L.exportTrainingSet(pairs[:1], str(tmp_path / "swapped"), ["Posterior", "anterior"])
-    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "swapped" / "labelsTr" / "patient_1.nii.gz")))
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "swapped" / "labelsTr" / "patient_1.nrrd")))
     np.testing.assert_array_equal(got, np.choose(first, [0, 2, 1]))
     assert swapped["voxels"] == {"Posterior": int((first == 2).sum()), "anterior": int((first == 1).sum())}
 
@@ -851,6 +851,24 @@ def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(
         logic.startTraining(pairs, ["anterior", "tail"], str(models / "a"), initFrom="hippocampus")
     assert not models.exists() and os.listdir(tmp_path / "jobs") == []
 
+    # cancelled while exporting (startTraining returns after reading the first pair; its files are written in a
+    # thread): finished within 2 s, no worker started, nothing left
+    job = logic.startTraining(pairs, names, str(models / "early"), initFrom="hippocampus", extraArgs=fast)
+    assert job.stage == "exporting" and job.pid is None and job.running
+    t0 = time.monotonic()
+    job.cancel()
+    assert wait_until(lambda: job.finished, 2.0, job) and time.monotonic() - t0 < 2.0
+    assert job.state == L.JobState.CANCELLED and job.pid is None
+    assert not models.exists() and os.listdir(tmp_path / "jobs") == [] and not logic.running
+    # a case closed while exporting: the job fails with a clear message, nothing left
+    extra = _labelled_pair(scene, shared_dir, "hippocampus_001", "closed soon")
+    job = logic.startTraining([pairs[0], extra], names, str(models / "early"), initFrom="hippocampus")
+    scene.RemoveNode(extra[1])
+    assert job.wait(10) == L.JobState.FAILED and job.pid is None
+    assert "was removed or emptied while the cases were exported" in job.errorMessage
+    assert not models.exists() and os.listdir(tmp_path / "jobs") == [] and not logic.running
+    scene.RemoveNode(extra[0])
+
     out = models / "hippocampus-adapted"
     job = logic.startTraining(pairs, names, str(out), initFrom="hippocampus", extraArgs=fast)
     stages, fractions = [], []
@@ -863,6 +881,7 @@ def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(
         assert not out.exists() or job.finished  # nothing at the target before the model is complete
         time.sleep(0.05)
     assert job.state == L.JobState.SUCCEEDED, (job.errorMessage, job.log[-20:])
+    assert stages[0] == "exporting" and "Exported 2 cases (anterior, posterior)" in job.log
     assert "cache" in stages and "training" in stages and stages.index("cache") < stages.index("training")
     assert fractions == sorted(fractions) and job.progress == 1.0
     assert job.modelDir == str(out) and (out / "model.safetensors").is_file()

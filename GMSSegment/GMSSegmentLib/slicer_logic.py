@@ -75,6 +75,7 @@ __all__ = [
     "readModelCard",
     "exportVolumeNode",
     "exportTrainingSet",
+    "TrainingSetExport",
     "trainingArguments",
     "addVolumeNodeFromFile",
     "uniqueSegmentName",
@@ -326,14 +327,19 @@ def exportVolumeNode(volumeNode, path: str, compress: bool = False) -> dict:
     Returns ``{"shape": (K, J, I), "components": n}``. The node's own IJK-to-RAS is used (a parent transform is not
     hardened); results are imported back into the same coordinate frame.
     """
+    return _writeVolumeArray(_volumeArray(volumeNode), ijkToRasFromVolumeNode(volumeNode), path, compress)
+
+
+def _writeVolumeArray(arr: np.ndarray, ijkToRas: np.ndarray, path: str, compress: bool = False) -> dict:
+    """Write a (K, J, I) or (K, J, I, 3) array on the grid ``ijkToRas`` (RAS) as ``path``; touches no MRML node, so
+    it may run in any thread."""
     import SimpleITK as sitk
 
-    arr = _volumeArray(volumeNode)
     isVector = arr.ndim == 4
     if arr.dtype == np.int64 or arr.dtype == np.uint64:  # not every reader handles 64-bit integers
         arr = arr.astype(np.float64)
     img = sitk.GetImageFromArray(arr, isVector=isVector)
-    origin, spacing, direction = lpsGeometryFromIjkToRas(ijkToRasFromVolumeNode(volumeNode))
+    origin, spacing, direction = lpsGeometryFromIjkToRas(ijkToRas)
     img.SetOrigin(origin)
     img.SetSpacing(spacing)
     img.SetDirection(direction)
@@ -368,8 +374,8 @@ def _eightBit(array: np.ndarray, what: str) -> np.ndarray:
 def exportTrainingSet(pairs: Sequence, folder: str, segmentNames: Sequence[str], dimension: int = 3) -> dict:
     """Write (volume node, segmentation node) pairs as a data set that ``gms train`` reads.
 
-    ``dimension`` 3 (3D models): ``imagesTr/<case>.nii.gz`` and ``labelsTr/<case>.nii.gz`` (label k+1 = the segment
-    named ``segmentNames[k]``, on the volume's own grid), scalar volumes only.
+    ``dimension`` 3 (3D models): ``imagesTr/<case>.nrrd`` and ``labelsTr/<case>.nrrd`` (label k+1 = the segment named
+    ``segmentNames[k]``, on the volume's own grid), scalar volumes only; uncompressed, as the folder is read once.
     ``dimension`` 2 (2D models, e.g. ultrasound or endoscopy frames): ``images/<case>.png`` (8-bit gray or RGB, the
     volume's slice as stored: rows J, columns I) and ``masks/<case>.png`` (one segment: 255; several: k+1). A
     single-slice volume is one case; of a multi-slice volume (a cine clip) every slice with a labelled pixel is one
@@ -380,86 +386,133 @@ def exportTrainingSet(pairs: Sequence, folder: str, segmentNames: Sequence[str],
     3D, 8-bit values for 2D, every named segment present in every segmentation); the files are written to a
     temporary folder beside ``folder`` and renamed at the end, so a failure leaves nothing behind, and an existing
     non-empty ``folder`` is never written into. Returns ``{"folder", "cases", "segments", "voxels", "dimension"}``
-    (foreground voxels per segment name)."""
-    names = [str(n).strip() for n in segmentNames]
-    if not names or any(not n for n in names) or len({n.lower() for n in names}) != len(names):
-        raise ValueError(f"segment names must be non-empty and distinct, got {list(segmentNames)}")
-    if dimension not in (2, 3):
-        raise ValueError(f"dimension must be 2 or 3, got {dimension!r}")
-    if dimension == 2 and len(names) > 254:
-        raise ValueError("a 2D training set holds at most 254 segments (8-bit masks)")
-    if not pairs:
-        raise ValueError("no (volume, segmentation) pairs to export")
-    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise ValueError(f"{folder} already exists and is not an empty folder; choose a new one")
-    plan = []
-    for volumeNode, segmentationNode in pairs:
-        if volumeNode is None or segmentationNode is None:
-            raise ValueError("each pair needs a volume node and a segmentation node")
-        image = volumeNode.GetImageData()
-        if image is None:
-            raise ValueError(f"volume '{volumeNode.GetName()}' has no image data")
-        if dimension == 3 and image.GetNumberOfScalarComponents() != 1:
-            raise ValueError(f"volume '{volumeNode.GetName()}' is not a scalar volume (3D models train on scalar "
-                             "volumes only)")
-        if dimension == 2:
-            if image.GetNumberOfScalarComponents() not in (1, 3, 4):
-                raise ValueError(f"volume '{volumeNode.GetName()}' has {image.GetNumberOfScalarComponents()} "
-                                 "components per voxel; 2D models train on gray or RGB images")
-            _eightBit(_volumeArray(volumeNode), f"volume '{volumeNode.GetName()}'")
-        seg = segmentationNode.GetSegmentation()
-        byName = {}
-        for i in range(seg.GetNumberOfSegments()):
-            sid = seg.GetNthSegmentID(i)
-            byName.setdefault(seg.GetSegment(sid).GetName().strip().lower(), sid)
-        missing = [n for n in names if n.lower() not in byName]
-        if missing:
-            raise ValueError(f"segmentation '{segmentationNode.GetName()}' of volume '{volumeNode.GetName()}' has no "
-                             f"segment named {', '.join(repr(m) for m in missing)}")
-        plan.append((volumeNode, segmentationNode, [byName[n.lower()] for n in names]))
-
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".gms-export-", dir=parent)
-    taken: set = set()
-    cases, voxels = [], {n: 0 for n in names}
-    subs = ("imagesTr", "labelsTr") if dimension == 3 else ("images", "masks")
+    (foreground voxels per segment name). A :class:`TrainingJob` runs the same export in steps, writing the files in
+    a thread so that Slicer stays responsive."""
+    export = TrainingSetExport(pairs, folder, segmentNames, dimension)
     try:
-        for sub in subs:
-            os.makedirs(os.path.join(tmp, sub))
-        for volumeNode, segmentationNode, ids in plan:
-            case = _caseName(volumeNode.GetName(), taken)
-            labels, labelNode = _segmentsOnVolumeGrid(segmentationNode, ids, volumeNode, keepNode=dimension == 3)
-            try:
-                for k, n in enumerate(names):
-                    voxels[n] += int((labels == k + 1).sum())
-                if dimension == 3:
-                    exportVolumeNode(volumeNode, os.path.join(tmp, "imagesTr", f"{case}.nii.gz"), compress=True)
-                    exportVolumeNode(labelNode, os.path.join(tmp, "labelsTr", f"{case}.nii.gz"), compress=True)
-                    cases.append(case)
-                else:
-                    cases += _writeFrames(tmp, case, _eightBit(_volumeArray(volumeNode), volumeNode.GetName()),
-                                          labels, len(names), taken, segmentationNode.GetName())
-            finally:
-                if labelNode is not None:
-                    _removeNode(labelNode.GetScene(), labelNode)
-        with open(os.path.join(tmp, "split.json"), "w") as f:
-            json.dump({"train": cases}, f, indent=1)
-        labelValues = {n: (255 if dimension == 2 and len(names) == 1 else k + 1) for k, n in enumerate(names)}
-        with open(os.path.join(tmp, "dataset.json"), "w") as f:  # for people: which label value is which segment
-            json.dump({"labels": labelValues, "cases": len(cases), "dimension": dimension}, f, indent=1)
-        if os.path.isdir(folder):
-            os.rmdir(folder)  # empty, checked above
-        os.replace(tmp, folder)
+        for i in range(len(export)):
+            export.read(i)()
+        return export.finish()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        export.abort()
         raise
-    return {"folder": folder, "cases": cases, "segments": names, "voxels": voxels, "dimension": dimension}
 
 
-def _segmentsOnVolumeGrid(segmentationNode, segmentIds: Sequence[str], volumeNode, keepNode: bool = False):
-    """The segments as one (K, J, I) label array on the volume's grid (label k+1 = ``segmentIds[k]``) and, with
-    ``keepNode``, the temporary labelmap node holding it (the caller removes it), else None."""
+class TrainingSetExport:
+    """:func:`exportTrainingSet` in steps. The constructor checks everything and writes nothing; :meth:`read` reads
+    pair ``i`` from the scene (in the caller's thread: MRML is not thread-safe; the labelmap export and two array
+    copies) and returns a function without arguments that writes it (any thread); :meth:`finish` writes the lists
+    and renames the temporary folder to ``folder``; :meth:`abort` removes it. Reads go in pair order."""
+
+    def __init__(self, pairs: Sequence, folder: str, segmentNames: Sequence[str], dimension: int = 3):
+        names = [str(n).strip() for n in segmentNames]
+        if not names or any(not n for n in names) or len({n.lower() for n in names}) != len(names):
+            raise ValueError(f"segment names must be non-empty and distinct, got {list(segmentNames)}")
+        if dimension not in (2, 3):
+            raise ValueError(f"dimension must be 2 or 3, got {dimension!r}")
+        if dimension == 2 and len(names) > 254:
+            raise ValueError("a 2D training set holds at most 254 segments (8-bit masks)")
+        if not pairs:
+            raise ValueError("no (volume, segmentation) pairs to export")
+        if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+            raise ValueError(f"{folder} already exists and is not an empty folder; choose a new one")
+        plan = []
+        for volumeNode, segmentationNode in pairs:
+            if volumeNode is None or segmentationNode is None:
+                raise ValueError("each pair needs a volume node and a segmentation node")
+            image = volumeNode.GetImageData()
+            if image is None:
+                raise ValueError(f"volume '{volumeNode.GetName()}' has no image data")
+            if dimension == 3 and image.GetNumberOfScalarComponents() != 1:
+                raise ValueError(f"volume '{volumeNode.GetName()}' is not a scalar volume (3D models train on scalar "
+                                 "volumes only)")
+            if dimension == 2:
+                if image.GetNumberOfScalarComponents() not in (1, 3, 4):
+                    raise ValueError(f"volume '{volumeNode.GetName()}' has {image.GetNumberOfScalarComponents()} "
+                                     "components per voxel; 2D models train on gray or RGB images")
+                _eightBit(_volumeArray(volumeNode), f"volume '{volumeNode.GetName()}'")
+            seg = segmentationNode.GetSegmentation()
+            byName = {}
+            for i in range(seg.GetNumberOfSegments()):
+                sid = seg.GetNthSegmentID(i)
+                byName.setdefault(seg.GetSegment(sid).GetName().strip().lower(), sid)
+            missing = [n for n in names if n.lower() not in byName]
+            if missing:
+                raise ValueError(f"segmentation '{segmentationNode.GetName()}' of volume '{volumeNode.GetName()}' "
+                                 f"has no segment named {', '.join(repr(m) for m in missing)}")
+            plan.append((volumeNode, segmentationNode, [byName[n.lower()] for n in names]))
+        self.folder, self.names, self.dimension, self._plan = folder, names, dimension, plan
+        self.cases: list[str] = []
+        self.voxels = {n: 0 for n in names}
+        self._taken: set = set()
+        self._tmp: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def _begin(self) -> str:
+        if self._tmp is None:
+            parent = os.path.dirname(os.path.abspath(self.folder))
+            os.makedirs(parent, exist_ok=True)
+            self._tmp = tempfile.mkdtemp(prefix=".gms-export-", dir=parent)
+            for sub in (("imagesTr", "labelsTr") if self.dimension == 3 else ("images", "masks")):
+                os.makedirs(os.path.join(self._tmp, sub))
+        return self._tmp
+
+    def read(self, i: int):
+        tmp = self._begin()
+        volumeNode, segmentationNode, ids = self._plan[i]
+        for node in (volumeNode, segmentationNode):  # the scene may have changed since the checks
+            if node.GetScene() is None or (node is volumeNode and node.GetImageData() is None):
+                raise ValueError(f"'{node.GetName()}' was removed or emptied while the cases were exported")
+        case = _caseName(volumeNode.GetName(), self._taken)
+        labels = _segmentsOnVolumeGrid(segmentationNode, ids, volumeNode)
+        for k, n in enumerate(self.names):
+            self.voxels[n] += int((labels == k + 1).sum())
+        image = _volumeArray(volumeNode)
+        if self.dimension == 3:
+            ijkToRas = ijkToRasFromVolumeNode(volumeNode)
+            self.cases.append(case)
+
+            def write():
+                _writeVolumeArray(image, ijkToRas, os.path.join(tmp, "imagesTr", f"{case}.nrrd"))
+                _writeVolumeArray(labels, ijkToRas, os.path.join(tmp, "labelsTr", f"{case}.nrrd"))
+            return write
+        image = _eightBit(image, f"volume '{volumeNode.GetName()}'")
+        if image.shape[0] == 1:
+            frames = [(case, 0)]
+        else:
+            frames = [(_caseName(f"{case}_{k}", self._taken), k) for k in range(image.shape[0]) if labels[k].any()]
+            if not frames:
+                raise ValueError(f"segmentation '{segmentationNode.GetName()}' labels no slice of its "
+                                 f"{image.shape[0]}-slice volume; label the frames to train on")
+        self.cases += [name for name, _ in frames]
+        return lambda: _writeFrames(tmp, frames, image, labels, len(self.names))
+
+    def finish(self) -> dict:
+        tmp = self._begin()
+        with open(os.path.join(tmp, "split.json"), "w") as f:
+            json.dump({"train": self.cases}, f, indent=1)
+        labelValues = {n: (255 if self.dimension == 2 and len(self.names) == 1 else k + 1)
+                       for k, n in enumerate(self.names)}
+        with open(os.path.join(tmp, "dataset.json"), "w") as f:  # for people: which label value is which segment
+            json.dump({"labels": labelValues, "cases": len(self.cases), "dimension": self.dimension}, f, indent=1)
+        if os.path.isdir(self.folder):
+            os.rmdir(self.folder)  # empty, checked in the constructor
+        os.replace(tmp, self.folder)
+        self._tmp = None
+        return {"folder": self.folder, "cases": list(self.cases), "segments": self.names, "voxels": dict(self.voxels),
+                "dimension": self.dimension}
+
+    def abort(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _segmentsOnVolumeGrid(segmentationNode, segmentIds: Sequence[str], volumeNode) -> np.ndarray:
+    """The segments as one (K, J, I) label array on the volume's grid (label k+1 = ``segmentIds[k]``), through a
+    temporary labelmap node."""
     scene = volumeNode.GetScene()
     labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     try:
@@ -473,34 +526,22 @@ def _segmentsOnVolumeGrid(segmentationNode, segmentIds: Sequence[str], volumeNod
         labels = _volumeArray(labelNode)
         if labels.shape != tuple(reversed(volumeNode.GetImageData().GetDimensions())):
             raise ValueError(f"the labels of '{volumeNode.GetName()}' came out on another grid")
-    except BaseException:
+        return labels
+    finally:
         _removeNode(scene, labelNode)
-        raise
-    if keepNode:
-        return labels, labelNode
-    _removeNode(scene, labelNode)
-    return labels, None
 
 
-def _writeFrames(folder: str, case: str, image: np.ndarray, labels: np.ndarray, nSegments: int, taken: set,
-                 segmentationName: str) -> list[str]:
-    """Write the slices of one 2D case (see exportTrainingSet) as PNG image/mask pairs; returns the case names."""
+def _writeFrames(folder: str, frames: Sequence[tuple[str, int]], image: np.ndarray, labels: np.ndarray,
+                 nSegments: int) -> None:
+    """Write slices ``k`` of one 2D case as ``images/<name>.png`` and ``masks/<name>.png`` for each (name, k)."""
     from PIL import Image
 
-    if image.shape[0] == 1:
-        frames = [(case, 0)]
-    else:
-        frames = [(_caseName(f"{case}_{k}", taken), k) for k in range(image.shape[0]) if labels[k].any()]
-        if not frames:
-            raise ValueError(f"segmentation '{segmentationName}' labels no slice of its {image.shape[0]}-slice "
-                             "volume; label the frames to train on")
     for name, k in frames:
         Image.fromarray(np.ascontiguousarray(image[k])).save(os.path.join(folder, "images", f"{name}.png"))
         mask = labels[k].astype(np.uint8)
         if nSegments == 1:
             mask = np.where(mask == 1, 255, 0).astype(np.uint8)
         Image.fromarray(mask).save(os.path.join(folder, "masks", f"{name}.png"))
-    return [name for name, _ in frames]
 
 
 def trainingArguments(dataFolder: str, outputFolder: str, segmentNames: Sequence[str], initFrom: str | None = None,
@@ -851,13 +892,16 @@ class _WorkerJob:
         self._doneEvent: dict | None = None
         self._downloading: tuple | None = None
         self._errorMessages: set = set()
-        self._worker = _Worker(args, env, cwd=tempDir, name=self.workerName)
-        self._logLine(f"Started worker (pid {self._worker.pid}): {' '.join(_quote(a) for a in args)}")
+        self._env = env
+        self._worker: _Worker | None = None
+        if self._prepare():
+            self._startWorker()
 
     # -- public state ---------------------------------------------------------------------------------------------
     @property
-    def pid(self) -> int:
-        return self._worker.pid
+    def pid(self) -> int | None:
+        """The worker's process id (None while the job is still preparing its input)."""
+        return self._worker.pid if self._worker is not None else None
 
     @property
     def finished(self) -> bool:
@@ -886,6 +930,9 @@ class _WorkerJob:
         lines. Never blocks (reading happens in threads); what changes the scene happens here, in the caller's
         thread, once the worker is gone."""
         if self.finished:
+            return self._takeLog()
+        if self._worker is None:
+            self._advancePreparation()
             return self._takeLog()
         self._drain()
         rc = self._worker.returncode()
@@ -929,10 +976,46 @@ class _WorkerJob:
         if self.finished or self._cancelRequested:
             return
         self._cancelRequested = True
+        if self._worker is None:
+            self._logLine("Cancel requested: stopping the preparation")
+            return
         self._logLine("Cancel requested: stopping the worker")
         self._worker.terminateTree()
 
     # -- internals ------------------------------------------------------------------------------------------------
+    def _prepare(self) -> bool:
+        """One step of preparing the worker's input, in the caller's thread (MRML); True when the worker can start.
+        Called from the constructor and then from :meth:`poll` until it returns True; jobs whose input is ready at
+        once (segmentation) keep this default. A ValueError/OSError fails the job with its message."""
+        return True
+
+    def _preparing(self) -> bool:
+        """Whether preparation work is still running in a thread (a cancel waits for it before cleaning up)."""
+        return False
+
+    def _startWorker(self) -> None:
+        self._worker = _Worker(self.args, self._env, cwd=self.tempDir, name=self.workerName)
+        self._logLine(f"Started worker (pid {self._worker.pid}): {' '.join(_quote(a) for a in self.args)}")
+
+    def _advancePreparation(self) -> None:
+        if self._cancelRequested:
+            if not self._preparing():
+                self._finish()
+            return
+        try:
+            ready = self._prepare()
+            if ready:
+                self._startWorker()
+        except Exception as e:
+            if not isinstance(e, (ValueError, OSError, RuntimeError)):
+                log.exception("GMSSegment: preparing the job failed")
+            self.state = JobState.FAILED
+            self.errorMessage = str(e) or type(e).__name__
+            self._logLine(f"Failed: {self.errorMessage}")
+            self.endTime = time.monotonic()
+            self._cleanup()
+            self.logic._jobFinished(self)
+
     def _takeLog(self) -> list[str]:
         lines, self._pendingLog = self._pendingLog, []
         return lines
@@ -1215,13 +1298,17 @@ class TrainingJob(_WorkerJob):
     cancelNote = "Cancelled: no model was written"
 
     def __init__(self, logic: "SegmentationLogic", scene, args: list[str], env: dict, tempDir: str,
-                 workerOutput: str, outputFolder: str, export: dict):
+                 workerOutput: str, outputFolder: str, export: TrainingSetExport):
         self.workerOutput = workerOutput
         self.outputFolder = outputFolder
-        self.export = export
+        self.export: dict = {}  # what exportTrainingSet returns, once the cases are written
+        self._export = export
+        self._exported = 0  # pairs read from the scene
+        self._writer: threading.Thread | None = None
+        self._writeError: BaseException | None = None
         self.modelDir = ""
         self.card: dict = {}
-        self.stage = "starting"  # starting, cache, training, options
+        self.stage = "exporting"  # exporting, starting, cache, training, options
         self.cacheDone = 0
         self.cacheTotal = 0
         self.epoch = 0
@@ -1258,6 +1345,8 @@ class TrainingJob(_WorkerJob):
                 return "Cancelling..."
             if self._downloading is not None:
                 return self._downloadText()
+            if self.stage == "exporting":
+                return f"Exporting the cases: {self._exported}/{len(self._export)}"
             if self.stage == "cache":
                 return f"Encoding the cases: {self.cacheDone}/{self.cacheTotal}"
             if self.stage == "training":
@@ -1277,6 +1366,35 @@ class TrainingJob(_WorkerJob):
         if self.state == JobState.CANCELLED:
             return self.cancelNote
         return f"Failed: {self.errorMessage}"
+
+    def _prepare(self) -> bool:
+        """Export the pairs one per call: read pair i from the scene here (the GUI thread), write its files in a
+        thread while the GUI goes on, then the next; True once all are written and the folder is complete."""
+        if self._writer is not None:
+            if self._writer.is_alive():
+                return False
+            self._writer = None
+            if self._writeError is not None:
+                raise self._writeError
+        if self._exported < len(self._export):
+            write = self._export.read(self._exported)
+            self._exported += 1
+
+            def run():
+                try:
+                    write()
+                except BaseException as e:  # reported by the next poll
+                    self._writeError = e
+            self._writer = threading.Thread(target=run, daemon=True, name="GMSSegment-export")
+            self._writer.start()
+            return False
+        self.export = self._export.finish()
+        self._logLine(f"Exported {len(self.export['cases'])} cases ({', '.join(self.export['segments'])})")
+        self.stage = "starting"
+        return True
+
+    def _preparing(self) -> bool:
+        return self._writer is not None and self._writer.is_alive()
 
     def _onEvent(self, kind: str, event: dict) -> bool:
         if kind == "log":
@@ -1539,8 +1657,10 @@ class SegmentationLogic:
                       initFrom: str | None = None, maxMinutes: float | None = None, weightsDir: str | None = None,
                       extraArgs: Sequence[str] = ()) -> TrainingJob:
         """Start adapting the model ``initFrom`` (folder or installed name; None = train a new model from scratch) to
-        the (volume node, segmentation node) ``pairs`` and return the running job. The pairs are exported first
-        (:func:`exportTrainingSet`, into the job's temporary folder; label k+1 = ``segmentNames[k]``) as 3D volumes or,
+        the (volume node, segmentation node) ``pairs`` and return the running job. The pairs are exported first, into
+        the job's temporary folder (:func:`exportTrainingSet` in steps: each :meth:`TrainingJob.poll` reads one pair
+        from the scene and a thread writes its files, so Slicer stays responsive; everything is checked here, before
+        the job starts; label k+1 = ``segmentNames[k]``) as 3D volumes or,
         for a 2D model (card ``dimension`` 2; without ``initFrom``: when every volume is a single slice), as 8-bit
         PNG images; the worker is ``python -m GMSSegmentLib train ... --progress json``, which carves its validation
         cases from the pairs and keeps the starting model unless training beats it on them. ``maxMinutes`` bounds
@@ -1573,14 +1693,14 @@ class SegmentationLogic:
         scene = self._scene([n for pair in pairs for n in pair])
         tempDir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self._tempRoot())
         try:
-            export = exportTrainingSet(pairs, os.path.join(tempDir, "data"), segmentNames, dimension=dimension)
+            export = TrainingSetExport(pairs, os.path.join(tempDir, "data"), segmentNames, dimension=dimension)
             workerOutput = os.path.join(tempDir, "model")
             extra = ["--name", os.path.basename(outputFolder), "--work-dir", os.path.join(tempDir, "work")]
             if weightsDir:
                 extra += ["--weights-dir", os.path.abspath(os.path.expanduser(str(weightsDir)))]
             python = self.pythonExecutable or findPythonExecutable()
             args = [python, "-m", "GMSSegmentLib", *trainingArguments(
-                export["folder"], workerOutput, export["segments"], initFrom=initDir, maxMinutes=maxMinutes,
+                export.folder, workerOutput, export.names, initFrom=initDir, maxMinutes=maxMinutes,
                 extra=[*extra, *self.extraWorkerArgs, *extraArgs])]
             job = TrainingJob(self, scene, args, workerEnvironment(weightsDir), tempDir, workerOutput, outputFolder,
                               export)
@@ -1609,10 +1729,15 @@ class SegmentationLogic:
         for job in list(self._jobs):
             if job.running:
                 job.cancel()
-                with contextlib.suppress(Exception):
-                    job._worker.signalTree(kill=True)
-                    job._worker.proc.wait(timeout=2)
+                if job._worker is not None:
+                    with contextlib.suppress(Exception):
+                        job._worker.signalTree(kill=True)
+                        job._worker.proc.wait(timeout=2)
+                deadline = time.monotonic() + 2.0  # a job still preparing finishes once its file write has
                 job.poll()
+                while job.running and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    job.poll()
 
     def _jobFinished(self, job: _WorkerJob) -> None:
         with contextlib.suppress(ValueError):
