@@ -330,6 +330,27 @@ def exportVolumeNode(volumeNode, path: str, compress: bool = False) -> dict:
     return _writeVolumeArray(_volumeArray(volumeNode), ijkToRasFromVolumeNode(volumeNode), path, compress)
 
 
+def _checkedShape(volumeNode) -> tuple:
+    """(K, J, I) of a volume node that has voxels; ValueError (naming it) otherwise. Cheap: reads no voxels."""
+    image = volumeNode.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise ValueError(f"cannot export '{volumeNode.GetName()}': volume '{volumeNode.GetName()}' has no image data")
+    dims = image.GetDimensions()
+    if min(dims) < 1:
+        raise ValueError(f"cannot export '{volumeNode.GetName()}': volume '{volumeNode.GetName()}' is empty "
+                         f"(dimensions {dims})")
+    return tuple(reversed(dims))
+
+
+def _volumeInputStep(volumeNode, path: str):
+    """Read a volume node's voxels and geometry now (the caller's thread); return a function that writes them to
+    ``path`` (any thread). See ``_WorkerJob._prepare``."""
+    if volumeNode.GetScene() is None or volumeNode.GetImageData() is None:
+        raise ValueError(f"'{volumeNode.GetName()}' was removed or emptied before it was exported")
+    arr, ijkToRas = _volumeArray(volumeNode), ijkToRasFromVolumeNode(volumeNode)
+    return lambda: _writeVolumeArray(arr, ijkToRas, path)
+
+
 def _writeVolumeArray(arr: np.ndarray, ijkToRas: np.ndarray, path: str, compress: bool = False) -> dict:
     """Write a (K, J, I) or (K, J, I, 3) array on the grid ``ijkToRas`` (RAS) as ``path``; touches no MRML node, so
     it may run in any thread."""
@@ -875,7 +896,8 @@ class _WorkerJob:
     batch = False
     tasks: Sequence = ()
 
-    def __init__(self, logic: "SegmentationLogic", scene, args: list[str], env: dict, tempDir: str):
+    def __init__(self, logic: "SegmentationLogic", scene, args: list[str], env: dict, tempDir: str,
+                 inputSteps: Sequence = ()):
         self.logic = logic
         self.scene = scene
         self.args = args
@@ -894,6 +916,10 @@ class _WorkerJob:
         self._errorMessages: set = set()
         self._env = env
         self._worker: _Worker | None = None
+        self._inputSteps = list(inputSteps)
+        self.inputsRead = 0
+        self._writer: threading.Thread | None = None
+        self._writeError: BaseException | None = None
         if self._prepare():
             self._startWorker()
 
@@ -984,14 +1010,38 @@ class _WorkerJob:
 
     # -- internals ------------------------------------------------------------------------------------------------
     def _prepare(self) -> bool:
-        """One step of preparing the worker's input, in the caller's thread (MRML); True when the worker can start.
-        Called from the constructor and then from :meth:`poll` until it returns True; jobs whose input is ready at
-        once (segmentation) keep this default. A ValueError/OSError fails the job with its message."""
+        """One step of writing the worker's input; True when the worker can start. Called from the constructor and
+        then from :meth:`poll` until it returns True. Each of the job's ``inputSteps`` runs here, in the caller's
+        thread (it reads MRML nodes, which are not thread-safe), and returns a function that writes the files; that
+        runs in a thread while Slicer goes on, and the next step waits for it. Then :meth:`_inputWritten`. A
+        ValueError/OSError from either fails the job with its message (see :meth:`_advancePreparation`)."""
+        if self._writer is not None:
+            if self._writer.is_alive():
+                return False
+            self._writer = None
+            if self._writeError is not None:
+                raise self._writeError
+        if self.inputsRead < len(self._inputSteps):
+            write = self._inputSteps[self.inputsRead]()
+            self.inputsRead += 1
+
+            def run():
+                try:
+                    write()
+                except BaseException as e:  # reported by the next poll
+                    self._writeError = e
+            self._writer = threading.Thread(target=run, daemon=True, name="GMSSegment-input")
+            self._writer.start()
+            return False
+        self._inputWritten()
         return True
 
+    def _inputWritten(self) -> None:
+        """Every input step has been written (subclasses complete their input folder here)."""
+
     def _preparing(self) -> bool:
-        """Whether preparation work is still running in a thread (a cancel waits for it before cleaning up)."""
-        return False
+        """Whether an input file is still being written in a thread (a cancel waits for it before cleaning up)."""
+        return self._writer is not None and self._writer.is_alive()
 
     def _startWorker(self) -> None:
         self._worker = _Worker(self.args, self._env, cwd=self.tempDir, name=self.workerName)
@@ -1137,12 +1187,12 @@ class SegmentationJob(_WorkerJob):
     workerName = "segmentation worker"
 
     def __init__(self, logic: "SegmentationLogic", scene, tasks: list[VolumeTask], args: list[str], env: dict,
-                 tempDir: str, batch: bool):
+                 tempDir: str, batch: bool, inputSteps: Sequence = ()):
         self.tasks = tasks
         self.batch = batch
         self.modelDir = ""
         self.card: dict = {}
-        super().__init__(logic, scene, args, env, tempDir)
+        super().__init__(logic, scene, args, env, tempDir, inputSteps=inputSteps)
 
     @property
     def progress(self) -> float:
@@ -1166,6 +1216,9 @@ class SegmentationJob(_WorkerJob):
                 where = f" ({t.index + 1}/{len(self.tasks)})" if self.batch else ""
                 step = f": slice {t.done}/{t.total}" if t.total else ""
                 return f"Segmenting {t.volumeName}{where}{step}"
+            if self._worker is None:
+                return f"Exporting the volumes: {self.inputsRead}/{len(self.tasks)}" if self.batch else \
+                    "Exporting the volume..."
             return "Starting the worker (loading the model)..."
         if self.state == JobState.SUCCEEDED:
             n = len(self.tasks)
@@ -1303,9 +1356,6 @@ class TrainingJob(_WorkerJob):
         self.outputFolder = outputFolder
         self.export: dict = {}  # what exportTrainingSet returns, once the cases are written
         self._export = export
-        self._exported = 0  # pairs read from the scene
-        self._writer: threading.Thread | None = None
-        self._writeError: BaseException | None = None
         self.modelDir = ""
         self.card: dict = {}
         self.stage = "exporting"  # exporting, starting, cache, training, options
@@ -1319,7 +1369,9 @@ class TrainingJob(_WorkerJob):
         self.startDice: float | None = None  # validation Dice of the --init-from model (epoch 0)
         self.history: list[dict] = []
         self._result: dict | None = None
-        super().__init__(logic, scene, args, env, tempDir)
+        # the pairs are read from the scene one per poll and written in a thread (see _WorkerJob._prepare)
+        steps = [lambda i=i: export.read(i) for i in range(len(export))]
+        super().__init__(logic, scene, args, env, tempDir, inputSteps=steps)
 
     @property
     def progress(self) -> float:
@@ -1346,7 +1398,7 @@ class TrainingJob(_WorkerJob):
             if self._downloading is not None:
                 return self._downloadText()
             if self.stage == "exporting":
-                return f"Exporting the cases: {self._exported}/{len(self._export)}"
+                return f"Exporting the cases: {self.inputsRead}/{len(self._export)}"
             if self.stage == "cache":
                 return f"Encoding the cases: {self.cacheDone}/{self.cacheTotal}"
             if self.stage == "training":
@@ -1367,34 +1419,10 @@ class TrainingJob(_WorkerJob):
             return self.cancelNote
         return f"Failed: {self.errorMessage}"
 
-    def _prepare(self) -> bool:
-        """Export the pairs one per call: read pair i from the scene here (the GUI thread), write its files in a
-        thread while the GUI goes on, then the next; True once all are written and the folder is complete."""
-        if self._writer is not None:
-            if self._writer.is_alive():
-                return False
-            self._writer = None
-            if self._writeError is not None:
-                raise self._writeError
-        if self._exported < len(self._export):
-            write = self._export.read(self._exported)
-            self._exported += 1
-
-            def run():
-                try:
-                    write()
-                except BaseException as e:  # reported by the next poll
-                    self._writeError = e
-            self._writer = threading.Thread(target=run, daemon=True, name="GMSSegment-export")
-            self._writer.start()
-            return False
+    def _inputWritten(self) -> None:
         self.export = self._export.finish()
         self._logLine(f"Exported {len(self.export['cases'])} cases ({', '.join(self.export['segments'])})")
         self.stage = "starting"
-        return True
-
-    def _preparing(self) -> bool:
-        return self._writer is not None and self._writer.is_alive()
 
     def _onEvent(self, kind: str, event: dict) -> bool:
         if kind == "log":
@@ -1589,15 +1617,13 @@ class SegmentationLogic:
 
         tempDir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self._tempRoot())
         try:
-            tasks = []
+            tasks, steps = [], []
             autoAxes = set()
             for i, node in enumerate(nodes):
                 inputPath = os.path.join(tempDir, f"input_{i}.nrrd")
-                try:
-                    info = exportVolumeNode(node, inputPath)
-                except ValueError as e:
-                    raise ValueError(f"cannot export '{node.GetName()}': {e}") from None
-                thin = [a for a, s in enumerate(info["shape"]) if s == 1]
+                shape = _checkedShape(node)
+                steps.append(lambda node=node, path=inputPath: _volumeInputStep(node, path))
+                thin = [a for a, s in enumerate(shape) if s == 1]
                 autoAxes.add(thin[0] if len(thin) == 1 else None)
                 tasks.append(VolumeTask(
                     index=i, volumeNodeID=node.GetID(), volumeName=node.GetName(), inputPath=inputPath,
@@ -1623,7 +1649,7 @@ class SegmentationLogic:
                 args += ["--weights-dir", os.path.abspath(os.path.expanduser(str(weightsDir)))]
             args += list(self.extraWorkerArgs)
             env = workerEnvironment(weightsDir)
-            job = SegmentationJob(self, scene, tasks, args, env, tempDir, batch=not single)
+            job = SegmentationJob(self, scene, tasks, args, env, tempDir, batch=not single, inputSteps=steps)
             job.modelDir, job.card = modelDir, card
         except BaseException:
             shutil.rmtree(tempDir, ignore_errors=True)
