@@ -360,12 +360,8 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ValueError as e:
             self.ui.modelInfoLabel.text = str(e)
             return
-        names = ", ".join(str(s.get("name")) for s in card.get("segments", []))
-        foundation = card.get("foundation", {})
-        foundationName = foundation.get("name") if isinstance(foundation, dict) else foundation
-        self.ui.modelInfoLabel.text = _("{name}: segments {segments}; input {size} px; foundation {foundation}").format(
-            name=card.get("name", os.path.basename(model)), segments=names or "?", size=card.get("input_size", "?"),
-            foundation=foundationName or "?")
+        self.ui.modelInfoLabel.text = slicer_logic.modelSummary(card, os.path.basename(model))
+        self.ui.modelInfoLabel.toolTip = slicer_logic.resolveModel(model)
 
     # -- running ----------------------------------------------------------------------------------------------------
     def _options(self) -> dict:

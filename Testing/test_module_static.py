@@ -415,3 +415,35 @@ def test_adapted_models_folder_joins_the_model_search_path(module, monkeypatch, 
     shutil.copytree(tiny_model, Path(folder) / "my-adapted")
     assert dict(slicer_logic.findModels())["my-adapted"] == str((Path(folder) / "my-adapted").resolve())
     assert slicer_logic.resolveModel("my-adapted") == str((Path(folder) / "my-adapted").resolve())
+
+
+def test_model_summary_states_purpose_accuracy_and_licence(module):
+    """The model line under the selector (slicer_logic.modelSummary) tells a user what each bundled model segments,
+    how well it did on its recorded test evaluation (at the input size when recorded, else native), and the licence
+    of its data; an adapted model shows its validation Dice and what it was adapted from."""
+    import copy
+
+    from GMSSegmentLib import slicer_logic
+
+    bundled = {name: slicer_logic.readModelCard(folder) for name, folder in slicer_logic.findModels()
+               if Path(folder).parent == MODULE_DIR / "Resources" / "Models"}
+    assert {"busi-lesion", "kvasir-polyp", "hippocampus"} <= set(bundled)
+    for name, card in bundled.items():
+        text = slicer_logic.modelSummary(card)
+        assert text.startswith(f"{name}: {card['description'].rstrip('.')}.")
+        assert all(s["name"] in text for s in card["segments"]) and card["licence"] in text
+        metric = slicer_logic.headlineMetric(card)
+        assert metric is not None and f"Dice {metric['dice']:.3f} (" in text
+    busi = bundled["busi-lesion"]["metrics"]["busi/test/model"]
+    assert slicer_logic.headlineMetric(bundled["busi-lesion"]) == {
+        "dice": busi["segments"]["lesion"]["dice_mean"], "cases": 130, "what": "busi test, at the input size"}
+    hippo = bundled["hippocampus"]["metrics"]["hippocampus/val/native"]
+    assert slicer_logic.headlineMetric(bundled["hippocampus"])["dice"] == hippo["segments"]["mean"]["dice_mean"]
+
+    adapted = copy.deepcopy(bundled["busi-lesion"])
+    adapted.update(name="my-busi", metrics={"validation": {"dice": 0.8123, "cases": 3}})
+    adapted["training"]["init_from"] = {"name": "busi-lesion"}
+    text = slicer_logic.modelSummary(adapted)
+    assert "Dice 0.812 (held-out validation cases, 3 cases)" in text and "Adapted from busi-lesion." in text
+    del adapted["metrics"]
+    assert "Dice" not in slicer_logic.modelSummary(adapted)

@@ -73,6 +73,8 @@ __all__ = [
     "findPythonExecutable",
     "findModels",
     "readModelCard",
+    "modelSummary",
+    "headlineMetric",
     "exportVolumeNode",
     "exportTrainingSet",
     "TrainingSetExport",
@@ -253,6 +255,61 @@ def readModelCard(model: str) -> dict:
     if not isinstance(card, dict):
         raise ValueError(f"the model card {path} is not a JSON object")
     return card
+
+
+def headlineMetric(card: dict) -> dict | None:
+    """The figure to show a user for a model: the mean Dice of its recorded evaluation on a test list at the model's
+    input size (else at native size, else any recorded evaluation), else its validation Dice. Returns ``{"dice",
+    "cases", "what"}`` or None when the card records nothing."""
+    metrics = card.get("metrics") if isinstance(card.get("metrics"), dict) else {}
+    evaluations = [(k, v) for k, v in metrics.items() if k != "validation" and isinstance(v, dict)
+                   and isinstance(v.get("segments"), dict) and "no-tta" not in k]
+
+    def rank(item):
+        parts = item[0].split("/")
+        return ("test" not in parts, "model" not in parts, "native" not in parts)
+    for key, value in sorted(evaluations, key=rank):
+        segments = value["segments"]
+        dice = segments["mean"].get("dice_mean") if isinstance(segments.get("mean"), dict) else None
+        if dice is None:
+            dices = [v.get("dice_mean") for n, v in segments.items() if isinstance(v, dict) and n != "mean"]
+            dices = [float(d) for d in dices if d is not None]
+            dice = sum(dices) / len(dices) if dices else None
+        if dice is None:
+            continue
+        data, listName, *rest = key.split("/") + ["", ""]
+        where = {"model": "at the input size", "native": "at native size"}.get(rest[0], "")
+        what = f"{data} {listName}".strip() + (f", {where}" if where else "")
+        return {"dice": float(dice), "cases": _int(value.get("cases"), 0), "what": what}
+    validation = metrics.get("validation")
+    if isinstance(validation, dict) and validation.get("dice") is not None:
+        return {"dice": float(validation["dice"]), "cases": _int(validation.get("cases"), 0),
+                "what": "held-out validation cases"}
+    return None
+
+
+def modelSummary(card: dict, fallbackName: str = "model") -> str:
+    """One paragraph for the model selector: what the model segments, in which images, how well (the recorded Dice,
+    see :func:`headlineMetric`), what it was adapted from, and the licence of its training data."""
+    name = card.get("name") or fallbackName
+    segments = ", ".join(str(s.get("name")) for s in card.get("segments", []) if isinstance(s, dict)) or "?"
+    dimension = card.get("dimension")
+    kind = {2: "2D images (each slice of a volume on its own)", 3: "volumes, slice by slice"}.get(dimension, "images")
+    description = str(card.get("description") or "").strip().rstrip(".")
+    foundation = card.get("foundation", {})
+    foundationName = foundation.get("name") if isinstance(foundation, dict) else foundation
+    text = f"{name}: {description}. " if description else f"{name}. "
+    text += f"Segments {segments} in {kind}; input {card.get('input_size', '?')} px, foundation {foundationName or '?'}."
+    metric = headlineMetric(card)
+    if metric is not None:
+        cases = f", {metric['cases']} cases" if metric["cases"] else ""
+        text += f" Dice {metric['dice']:.3f} ({metric['what']}{cases})."
+    initFrom = (card.get("training") or {}).get("init_from") if isinstance(card.get("training"), dict) else None
+    if isinstance(initFrom, dict) and initFrom.get("name"):
+        text += f" Adapted from {initFrom['name']}."
+    if card.get("licence"):
+        text += f" Data licence: {card['licence']}."
+    return text
 
 
 # -------------------------------------------------------------------------------------------------------- geometry
