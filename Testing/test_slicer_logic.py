@@ -656,6 +656,13 @@ def test_worker_that_cannot_start(scene, logic, temp_root, small_volume, tiny_mo
     before = scene_state(scene)
     with pytest.raises(RuntimeError, match="cannot start the segmentation worker"):
         logic.start(small_volume, str(tiny_model))
+    if os.name != "nt":  # a file that is not executable
+        plain = temp_root.parent / "python-not-executable"
+        plain.write_text("#!/bin/sh\n")
+        plain.chmod(0o644)
+        logic.pythonExecutable = str(plain)
+        with pytest.raises(RuntimeError, match="cannot start the segmentation worker .*no such executable file"):
+            logic.start(small_volume, str(tiny_model))
     assert scene_state(scene) == before
     assert os.listdir(temp_root) == []
     assert not logic.running

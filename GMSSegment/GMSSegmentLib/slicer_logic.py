@@ -387,6 +387,15 @@ def exportVolumeNode(volumeNode, path: str, compress: bool = False) -> dict:
     return _writeVolumeArray(_volumeArray(volumeNode), ijkToRasFromVolumeNode(volumeNode), path, compress)
 
 
+def _checkedExecutable(path: str, what: str) -> str:
+    """``path`` if it names a program that can be started (a path, or a name on PATH); RuntimeError otherwise. Jobs
+    start their worker after their input is written, so this is checked first, while nothing has happened yet."""
+    found = path if os.path.dirname(path) else shutil.which(path)
+    if not found or not os.path.isfile(found) or not os.access(found, os.X_OK):
+        raise RuntimeError(f"cannot start the {what} {path}: no such executable file")
+    return path
+
+
 def _checkedShape(volumeNode) -> tuple:
     """(K, J, I) of a volume node that has voxels; ValueError (naming it) otherwise. Cheap: reads no voxels."""
     image = volumeNode.GetImageData()
@@ -1688,7 +1697,7 @@ class SegmentationLogic:
                     targetSegmentationNodeID=outputSegmentationNode.GetID() if outputSegmentationNode else None))
             if axis is None and len(autoAxes) == 1 and None not in autoAxes:
                 axis = autoAxes.pop()  # single-slice images: slice across the thin axis
-            python = self.pythonExecutable or findPythonExecutable()
+            python = _checkedExecutable(self.pythonExecutable or findPythonExecutable(), SegmentationJob.workerName)
             args = [python, "-m", "GMSSegmentLib", "segment"]
             if single:
                 args += [tasks[0].inputPath, "-o", tasks[0].outputPath]
@@ -1781,7 +1790,7 @@ class SegmentationLogic:
             extra = ["--name", os.path.basename(outputFolder), "--work-dir", os.path.join(tempDir, "work")]
             if weightsDir:
                 extra += ["--weights-dir", os.path.abspath(os.path.expanduser(str(weightsDir)))]
-            python = self.pythonExecutable or findPythonExecutable()
+            python = _checkedExecutable(self.pythonExecutable or findPythonExecutable(), TrainingJob.workerName)
             args = [python, "-m", "GMSSegmentLib", *trainingArguments(
                 export.folder, workerOutput, export.names, initFrom=initDir, maxMinutes=maxMinutes,
                 extra=[*extra, *self.extraWorkerArgs, *extraArgs])]
