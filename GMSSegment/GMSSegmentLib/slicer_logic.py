@@ -357,20 +357,29 @@ def _vtkMatrix(m: np.ndarray):
     return out
 
 
-def _volumeArray(volumeNode) -> np.ndarray:
-    """A copy of the voxels: (K, J, I) scalar or (K, J, I, 3) RGB; RGBA drops alpha, other multi-component keeps one."""
+def _volumeShape(volumeNode) -> tuple:
+    """(K, J, I) of a volume node that has voxels; ValueError naming it otherwise. Cheap: reads no voxels."""
     image = volumeNode.GetImageData() if volumeNode is not None else None
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
         raise ValueError(f"volume '{volumeNode.GetName() if volumeNode else None}' has no image data")
     dims = image.GetDimensions()
     if min(dims) < 1:
         raise ValueError(f"volume '{volumeNode.GetName()}' is empty (dimensions {dims})")
+    return tuple(reversed(dims))
+
+
+def _volumeArray(volumeNode, copy: bool = True) -> np.ndarray:
+    """A copy of the voxels: (K, J, I) scalar or (K, J, I, 3) RGB; RGBA drops alpha, other multi-component keeps one.
+    ``copy=False`` may return a view of the node's own voxels instead (to check them, never to keep)."""
+    shape = _volumeShape(volumeNode)
     import vtk.util.numpy_support as vtk_np
 
+    image = volumeNode.GetImageData()
     ncomp = image.GetNumberOfScalarComponents()
     arr = vtk_np.vtk_to_numpy(image.GetPointData().GetScalars())
-    shape = tuple(reversed(dims)) + ((ncomp,) if ncomp > 1 else ())
-    arr = np.array(arr.reshape(shape), copy=True)
+    arr = arr.reshape(shape + ((ncomp,) if ncomp > 1 else ()))
+    if copy:
+        arr = np.array(arr, copy=True)
     if ncomp == 4:
         arr = arr[..., :3]
     elif ncomp == 2 or ncomp > 4:
@@ -396,23 +405,18 @@ def _checkedExecutable(path: str, what: str) -> str:
     return path
 
 
-def _checkedShape(volumeNode) -> tuple:
-    """(K, J, I) of a volume node that has voxels; ValueError (naming it) otherwise. Cheap: reads no voxels."""
-    image = volumeNode.GetImageData()
-    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
-        raise ValueError(f"cannot export '{volumeNode.GetName()}': volume '{volumeNode.GetName()}' has no image data")
-    dims = image.GetDimensions()
-    if min(dims) < 1:
-        raise ValueError(f"cannot export '{volumeNode.GetName()}': volume '{volumeNode.GetName()}' is empty "
-                         f"(dimensions {dims})")
-    return tuple(reversed(dims))
+def _checkStillInScene(nodes: Sequence, when: str) -> None:
+    """ValueError if one of ``nodes`` left its scene (or a volume lost its voxels) since a job checked them; jobs read
+    their input one poll at a time, and the user may close a study meanwhile."""
+    for node in nodes:
+        if node.GetScene() is None or (node.IsA("vtkMRMLVolumeNode") and node.GetImageData() is None):
+            raise ValueError(f"'{node.GetName()}' was removed or emptied {when}")
 
 
 def _volumeInputStep(volumeNode, path: str):
     """Read a volume node's voxels and geometry now (the caller's thread); return a function that writes them to
     ``path`` (any thread). See ``_WorkerJob._prepare``."""
-    if volumeNode.GetScene() is None or volumeNode.GetImageData() is None:
-        raise ValueError(f"'{volumeNode.GetName()}' was removed or emptied before it was exported")
+    _checkStillInScene([volumeNode], "before it was exported")
     arr, ijkToRas = _volumeArray(volumeNode), ijkToRasFromVolumeNode(volumeNode)
     return lambda: _writeVolumeArray(arr, ijkToRas, path)
 
@@ -517,7 +521,7 @@ class TrainingSetExport:
                 if image.GetNumberOfScalarComponents() not in (1, 3, 4):
                     raise ValueError(f"volume '{volumeNode.GetName()}' has {image.GetNumberOfScalarComponents()} "
                                      "components per voxel; 2D models train on gray or RGB images")
-                _eightBit(_volumeArray(volumeNode), f"volume '{volumeNode.GetName()}'")
+                _eightBit(_volumeArray(volumeNode, copy=False), f"volume '{volumeNode.GetName()}'")
             seg = segmentationNode.GetSegmentation()
             byName = {}
             for i in range(seg.GetNumberOfSegments()):
@@ -549,9 +553,7 @@ class TrainingSetExport:
     def read(self, i: int):
         tmp = self._begin()
         volumeNode, segmentationNode, ids = self._plan[i]
-        for node in (volumeNode, segmentationNode):  # the scene may have changed since the checks
-            if node.GetScene() is None or (node is volumeNode and node.GetImageData() is None):
-                raise ValueError(f"'{node.GetName()}' was removed or emptied while the cases were exported")
+        _checkStillInScene((volumeNode, segmentationNode), "while the cases were exported")
         case = _caseName(volumeNode.GetName(), self._taken)
         labels = _segmentsOnVolumeGrid(segmentationNode, ids, volumeNode)
         for k, n in enumerate(self.names):
@@ -611,7 +613,7 @@ def _segmentsOnVolumeGrid(segmentationNode, segmentIds: Sequence[str], volumeNod
             raise ValueError(f"cannot export the segments of '{segmentationNode.GetName()}' onto "
                              f"'{volumeNode.GetName()}'")
         labels = _volumeArray(labelNode)
-        if labels.shape != tuple(reversed(volumeNode.GetImageData().GetDimensions())):
+        if labels.shape != _volumeShape(volumeNode):
             raise ValueError(f"the labels of '{volumeNode.GetName()}' came out on another grid")
         return labels
     finally:
@@ -1128,9 +1130,7 @@ class _WorkerJob:
             self.state = JobState.FAILED
             self.errorMessage = str(e) or type(e).__name__
             self._logLine(f"Failed: {self.errorMessage}")
-            self.endTime = time.monotonic()
-            self._cleanup()
-            self.logic._jobFinished(self)
+            self._end()
 
     def _takeLog(self) -> list[str]:
         lines, self._pendingLog = self._pendingLog, []
@@ -1198,9 +1198,13 @@ class _WorkerJob:
             else:
                 self._complete()
         finally:
-            self.endTime = time.monotonic()
-            self._cleanup()
-            self.logic._jobFinished(self)
+            self._end()
+
+    def _end(self) -> None:
+        """Every finished job, however it ended: the end time, the temporary folder removed, the logic told."""
+        self.endTime = time.monotonic()
+        self._cleanup()
+        self.logic._jobFinished(self)
 
     def _complete(self) -> None:
         raise NotImplementedError
@@ -1687,7 +1691,10 @@ class SegmentationLogic:
             autoAxes = set()
             for i, node in enumerate(nodes):
                 inputPath = os.path.join(tempDir, f"input_{i}.nrrd")
-                shape = _checkedShape(node)
+                try:
+                    shape = _volumeShape(node)
+                except ValueError as e:
+                    raise ValueError(f"cannot export '{node.GetName()}': {e}") from None
                 steps.append(lambda node=node, path=inputPath: _volumeInputStep(node, path))
                 thin = [a for a, s in enumerate(shape) if s == 1]
                 autoAxes.add(thin[0] if len(thin) == 1 else None)
