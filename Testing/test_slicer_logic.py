@@ -537,6 +537,44 @@ def test_batch_with_broken_volumes(scene, logic, temp_root, busi_images, two_seg
     assert os.listdir(temp_root) == []
 
 
+def test_batch_results_are_imported_one_per_poll_and_a_cancel_while_importing_takes_them_back(
+        scene, logic, temp_root, busi_images, tiny_model, weights_dir):
+    def count():
+        return scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+
+    volumes = [L.addVolumeNodeFromFile(scene, busi_images[k], name=f"import {i}")
+               for i, k in enumerate(("gray", "rgb", "gray"))]
+    before, n0 = scene_state(scene), count()
+    job = logic.start(volumes, str(tiny_model), device="cpu", weightsDir=weights_dir, tta=False)
+    # the poll that sees the worker's exit imports the first result, and only that one
+    assert wait_until(lambda: job.returnCode is not None, JOB_TIMEOUT, job), job.log[-20:]
+    assert job.returnCode == 0 and job.running
+    assert count() == n0 + 1 and job.statusText == "Importing the results: 1/3"
+    assert [t.state for t in job.tasks] == [L.TaskState.SUCCEEDED, L.TaskState.SEGMENTED, L.TaskState.SEGMENTED]
+    job.poll()
+    assert job.running and count() == n0 + 2 and job.statusText == "Importing the results: 2/3"
+    job.cancel()  # the user cancels before the batch has been imported: nothing of it stays
+    assert wait_until(lambda: job.finished, 2.0, job)
+    assert job.state == L.JobState.CANCELLED
+    assert [t.state for t in job.tasks] == [L.TaskState.CANCELLED] * 3
+    assert all(t.segmentationNodeID is None for t in job.tasks)
+    assert scene_state(scene) == before and job.segmentationNodes == []
+    assert "Cancelled: the scene was not changed" in job.log
+    assert os.listdir(temp_root) == []
+
+    job = logic.start(volumes, str(tiny_model), device="cpu", weightsDir=weights_dir, tta=False)
+    counts = [count()]
+    while not job.finished:
+        job.poll()
+        counts.append(count())
+        time.sleep(0.02)
+        assert time.monotonic() - job.startTime < JOB_TIMEOUT
+    assert job.state == L.JobState.SUCCEEDED, (job.errorMessage, job.log[-20:])
+    assert counts[-1] == n0 + 3 and max(np.diff(counts)) == 1
+    assert [scene.GetNodeByID(t.segmentationNodeID).GetName() for t in job.tasks] == \
+        [f"import {i} GMS segmentation" for i in range(3)]
+
+
 # ------------------------------------------------------------------------------------- errors reported clearly
 
 
