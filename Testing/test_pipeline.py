@@ -220,6 +220,40 @@ def test_multiscale_tta_averages_the_decoded_images_of_two_input_sizes(busi_dir)
         SliceSegmenter(m, "cpu", True, scales=[224, 250])
 
 
+def test_options_share_decoded_views_through_a_view_cache(busi_dir):
+    """gms postprocess runs every test-time option on each validation case; with a shared view cache each flip view at
+    each input size is decoded once and the options average the views they have in common: the same decoded images
+    as separate runs, from 8 encoded views (4 flips x 2 sizes) instead of 21."""
+    m = load_model(resolve_model_path("busi-lesion"))
+    names = ("malignant_5.png", "benign_12.png")
+    x = [apply_range(a, *intensity_range(a, m.card["normalization"]))
+         for a in (read_image(busi_dir / "images" / n).array for n in names)]
+    options = [(1, [224]), (2, [224]), (4, [224]), (1, [224, 256]), (2, [224, 256]), (4, [224, 256])]
+    cache = {}
+    encoded = {"alone": 0, "shared": 0}
+
+    def counting(seg, arm):
+        inner = seg.predict_latents
+
+        def predict(t):
+            encoded[arm] += t.shape[0]
+            return inner(t)
+        seg.predict_latents = predict
+        return seg
+
+    for img in x:
+        cache.clear()
+        for views, scales in options:
+            alone = counting(SliceSegmenter(m, "cpu", True, tta=views, scales=scales), "alone")
+            shared = counting(SliceSegmenter(m, "cpu", True, tta=views, scales=scales), "shared")
+            shared.view_cache = cache
+            a, b = alone.decode_slices(img), shared.decode_slices(img)
+            assert a.shape == b.shape == (1, 3, 224, 224)
+            assert torch.allclose(a, b, atol=1e-5), (views, scales, (a - b).abs().max())
+        assert len(cache) == 8
+    assert encoded == {"alone": 21 * len(x), "shared": 8 * len(x)}
+
+
 def test_bf16_inference_agrees_with_fp32_on_real_images(busi_dir):
     """bf16 autocast on the CPU (gms segment --precision bf16) gives the fp32 masks up to a few border pixels."""
     m = load_model(resolve_model_path("busi-lesion"))

@@ -138,8 +138,9 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     """Choose the inference options on the model's own validation cases, by mean Dice (2D at the model's input size,
     3D at native resolution), and store the choice in its card: test-time augmentation (1, 2 or 4 flip views; the
     model's input size alone or with ``second_scale``) and post-processing (none or largest component per segment;
-    for 3D models also smoothing along the slicing axis, ``Z_SMOOTH_CHOICES``). The network runs once per case and
-    test-time option; the post-processing settings are all derived from that run. The options are ordered by cost
+    for 3D models also smoothing along the slicing axis, ``Z_SMOOTH_CHOICES``). The network runs once per case, flip
+    view and input size (the options share the views they have in common); the post-processing settings are all
+    derived from those runs. The options are ordered by cost
     (fewer network passes, then no smoothing, then no post-processing) and ``choose_option`` takes the cheapest one
     within one paired standard error of the best mean (``rule="one-se"``), or the best mean (``rule="best"``)."""
     from .postprocess import Z_SMOOTH_CHOICES, second_scale
@@ -159,6 +160,9 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
                     key=lambda o: o[0] * sum(s * s for s in o[1]))
     segs = {(v, tuple(sc)): SliceSegmenter(m, dev, FastDecodeSettings(enabled=True), tta=v, scales=sc)
             for v, sc in passes}
+    views: dict = {}  # each flip view at each input size is decoded once per case and shared by the options
+    for seg in segs.values():
+        seg.view_cache = views
     seg_labels = [s["label"] for s in m.segments]
     resolution = "model" if layout == "2d" else "native"
     smooth = Z_SMOOTH_CHOICES if int(m.card.get("dimension", 3)) == 3 else (0.0,)
@@ -167,6 +171,7 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     options = [(v, tuple(sc), pp) for v, sc in passes for pp in pps]
     scores = {o: [] for o in options}
     for name in names:
+        views.clear()
         for (v, sc), seg in segs.items():
             # a 2D case is one (Y, X) image, so its components are the image's in either dimension
             preds, gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, variants)

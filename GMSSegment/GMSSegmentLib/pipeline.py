@@ -12,6 +12,7 @@ skips them altogether. The benchmark measures the agreement with the plain loop 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -173,6 +174,10 @@ class SliceSegmenter:
             raise GMSError(f"test-time input sizes must be positive multiples of {mult}, got {list(scales)}")
         self._bg_feature = {}
         self.stats = SegmentStats()
+        #: decoded flip views shared by segmenters that see the same slices (``select_postprocess`` runs every
+        #: test-time option on each validation case): {(slice digest, input size, flipped dims): (3, S, S) image}.
+        #: None: nothing is kept. The owner clears it between cases.
+        self.view_cache: dict | None = None
 
     # -- the empty-mask feature used by the fast decoder --------------------------------------------------------------
     def _background(self, s: int) -> tuple[torch.Tensor, float]:
@@ -232,21 +237,39 @@ class SliceSegmenter:
 
     def decode_slices(self, slices: np.ndarray) -> torch.Tensor:
         """(B, H, W[, 3]) floats in [0, 1] -> decoded images (B, 3, S, S) at the model's input size, averaged over the
-        test-time views and input sizes (``classify`` turns them into labels)."""
+        test-time views and input sizes (``classify`` turns them into labels). With a ``view_cache``, views of these
+        slices that another segmenter already decoded are taken from it and only the missing ones are run."""
         size = self.model.input_size
         flips = TTA_FLIPS[self.tta]
         n = slices.shape[0]
+        cache = self.view_cache
+        digests = None
+        if cache is not None:
+            digests = [hashlib.blake2b(np.ascontiguousarray(slices[b], dtype=np.float32).tobytes(),
+                                       digest_size=16).digest() for b in range(n)]
         total = None
-        for s in self.scales:  # each input size: all flip views in one batch, flipped back and averaged
-            x = to_model_input(slices, s, self.device)
-            if not self.channels_last:
-                x = x.contiguous()
-            if len(flips) > 1:
-                x = torch.cat([x.flip(d) if d else x for d in flips])
-            dec = self.decode(self.predict_latents(x))
-            if len(flips) > 1:
-                dec = sum(dec[i * n:(i + 1) * n].flip(d) if d else dec[i * n:(i + 1) * n]
-                          for i, d in enumerate(flips)) / len(flips)
+        for s in self.scales:  # each input size: its missing flip views in one batch, flipped back and averaged
+            views = {}
+            if cache is not None:
+                for d in flips:
+                    got = [cache.get((g, s, d)) for g in digests]
+                    if all(v is not None for v in got):
+                        views[d] = torch.stack(got)
+            missing = [d for d in flips if d not in views]
+            if missing:
+                x = to_model_input(slices, s, self.device)
+                if not self.channels_last:
+                    x = x.contiguous()
+                if len(missing) > 1 or missing[0]:
+                    x = torch.cat([x.flip(d) if d else x for d in missing])
+                dec = self.decode(self.predict_latents(x))
+                for i, d in enumerate(missing):
+                    part = dec[i * n:(i + 1) * n]
+                    views[d] = part.flip(d) if d else part
+                    if cache is not None:
+                        for g, v in zip(digests, views[d]):
+                            cache[(g, s, d)] = v
+            dec = views[flips[0]] if len(flips) == 1 else sum(views[d] for d in flips) / len(flips)
             if s != size:
                 dec = F.interpolate(dec, size=(size, size), mode="bilinear", align_corners=False)
             total = dec if total is None else total + dec
