@@ -7,7 +7,7 @@ from PIL import Image
 from GMSSegmentLib.imageio import read_image
 from GMSSegmentLib.model import load_model, resolve_model_path
 from GMSSegmentLib.normalization import apply_range, intensity_range
-from GMSSegmentLib.pipeline import (Cancelled, FastDecodeSettings, SliceSegmenter, classify, segment_array,
+from GMSSegmentLib.pipeline import (Cancelled, FastDecodeSettings, SliceSegmenter, ViewCache, classify, segment_array,
                                     to_model_input)
 from GMSSegmentLib.postprocess import second_scale, tta_scales
 
@@ -229,7 +229,7 @@ def test_options_share_decoded_views_through_a_view_cache(busi_dir):
     x = [apply_range(a, *intensity_range(a, m.card["normalization"]))
          for a in (read_image(busi_dir / "images" / n).array for n in names)]
     options = [(1, [224]), (2, [224]), (4, [224]), (1, [224, 256]), (2, [224, 256]), (4, [224, 256])]
-    cache = {}
+    cache = ViewCache()
     encoded = {"alone": 0, "shared": 0}
 
     def counting(seg, arm):
@@ -250,8 +250,21 @@ def test_options_share_decoded_views_through_a_view_cache(busi_dir):
             a, b = alone.decode_slices(img), shared.decode_slices(img)
             assert a.shape == b.shape == (1, 3, 224, 224)
             assert torch.allclose(a, b, atol=1e-5), (views, scales, (a - b).abs().max())
-        assert len(cache) == 8
+        assert len(cache) == 8 and cache.nbytes == 4 * 3 * 4 * (224 * 224 + 256 * 256)
     assert encoded == {"alone": 21 * len(x), "shared": 8 * len(x)}
+    # a cache at its budget keeps nothing more: the options then decode those views themselves, with the same result
+    small = ViewCache(max_bytes=4 * 3 * 224 * 224)  # room for one view of one slice at 224
+    two = [counting(SliceSegmenter(m, "cpu", True, tta=2, scales=[224]), "shared") for _ in range(2)]
+    outs = []
+    for seg in two:
+        seg.view_cache = small
+        before = encoded["shared"]
+        outs.append(seg.decode_slices(x[0]))
+        outs.append(encoded["shared"] - before)
+    assert outs[1] == 2 and outs[3] == 1  # the second run found the plain view, decoded the flipped one again
+    assert len(small) == 1 and small.nbytes == small.max_bytes
+    fresh = SliceSegmenter(m, "cpu", True, tta=2, scales=[224]).decode_slices(x[0])
+    assert torch.allclose(outs[0], fresh, atol=1e-5) and torch.allclose(outs[2], fresh, atol=1e-5)
 
 
 def test_bf16_inference_agrees_with_fp32_on_real_images(busi_dir):

@@ -18,7 +18,7 @@ from .data import detect_layout, find_image, load_mask, read_split, volume_path
 from .imageio import atomic_output, read_image
 from .metrics import label_metrics
 from .model import CARD, _atomic_write, load_model, resolve_model_path
-from .pipeline import FastDecodeSettings, SliceSegmenter, pick_device, segment_array_variants
+from .pipeline import FastDecodeSettings, SliceSegmenter, ViewCache, pick_device, segment_array_variants
 
 
 def _resize_image(arr: np.ndarray, size: int) -> np.ndarray:
@@ -160,7 +160,7 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
                     key=lambda o: o[0] * sum(s * s for s in o[1]))
     segs = {(v, tuple(sc)): SliceSegmenter(m, dev, FastDecodeSettings(enabled=True), tta=v, scales=sc)
             for v, sc in passes}
-    views: dict = {}  # each flip view at each input size is decoded once per case and shared by the options
+    views = ViewCache()  # each flip view at each input size is decoded once per case and shared by the options
     for seg in segs.values():
         seg.view_cache = views
     seg_labels = [s["label"] for s in m.segments]

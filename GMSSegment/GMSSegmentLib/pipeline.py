@@ -147,6 +147,32 @@ def classify(decoded: torch.Tensor, codes: torch.Tensor, out_hw: tuple[int, int]
     return d.argmin(dim=1).to(torch.uint8)
 
 
+class ViewCache(dict):
+    """Decoded flip views shared by segmenters that see the same slices: {(slice digest, input size, flipped dims):
+    (3, S, S) image}. Holds at most ``max_bytes`` (1 GiB by default: one 300-slice volume at 224 + 256 px with 4 flip
+    views would need 1.7 GB); what does not fit is simply not kept, and the options that need it decode it again."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        super().__init__()
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+
+    def put_batch(self, keys: list, images: torch.Tensor) -> None:
+        """Keep a batch of views (all of it or, when over the budget, none of it)."""
+        size = images.numel() * images.element_size()
+        if self.nbytes + size > self.max_bytes:
+            return
+        self.nbytes += size
+        if images.untyped_storage().nbytes() > size:  # a slice of a larger batch: keep only what is counted
+            images = images.clone()
+        for key, image in zip(keys, images):
+            self[key] = image
+
+    def clear(self) -> None:
+        super().clear()
+        self.nbytes = 0
+
+
 class SliceSegmenter:
     """Holds a loaded GMS model on a device and segments batches of normalised slices."""
 
@@ -174,10 +200,9 @@ class SliceSegmenter:
             raise GMSError(f"test-time input sizes must be positive multiples of {mult}, got {list(scales)}")
         self._bg_feature = {}
         self.stats = SegmentStats()
-        #: decoded flip views shared by segmenters that see the same slices (``select_postprocess`` runs every
-        #: test-time option on each validation case): {(slice digest, input size, flipped dims): (3, S, S) image}.
-        #: None: nothing is kept. The owner clears it between cases.
-        self.view_cache: dict | None = None
+        #: a ViewCache shared by segmenters that see the same slices (``select_postprocess`` runs every test-time
+        #: option on each validation case); None: nothing is kept. The owner clears it between cases.
+        self.view_cache: ViewCache | None = None
 
     # -- the empty-mask feature used by the fast decoder --------------------------------------------------------------
     def _background(self, s: int) -> tuple[torch.Tensor, float]:
@@ -267,8 +292,7 @@ class SliceSegmenter:
                     part = dec[i * n:(i + 1) * n]
                     views[d] = part.flip(d) if d else part
                     if cache is not None:
-                        for g, v in zip(digests, views[d]):
-                            cache[(g, s, d)] = v
+                        cache.put_batch([(g, s, d) for g in digests], views[d])
             dec = views[flips[0]] if len(flips) == 1 else sum(views[d] for d in flips) / len(flips)
             if s != size:
                 dec = F.interpolate(dec, size=(size, size), mode="bilinear", align_corners=False)
