@@ -285,8 +285,8 @@ class SliceSegmenter:
                 x = to_model_input(slices, s, self.device)
                 if not self.channels_last:
                     x = x.contiguous()
-                if len(missing) > 1 or missing[0]:
-                    x = torch.cat([x.flip(d) if d else x for d in missing])
+                parts = [x.flip(d) if d else x for d in missing]
+                x = parts[0] if len(parts) == 1 else torch.cat(parts)
                 dec = self.decode(self.predict_latents(x))
                 for i, d in enumerate(missing):
                     part = dec[i * n:(i + 1) * n]

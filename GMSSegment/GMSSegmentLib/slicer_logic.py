@@ -1386,12 +1386,7 @@ class SegmentationJob(_WorkerJob):
     def _removeImport(self, task: VolumeTask) -> None:
         node = self.scene.GetNodeByID(task.segmentationNodeID) if task.segmentationNodeID else None
         if node is not None:
-            if task.createdSegmentationNode:
-                _removeNode(self.scene, node)
-            else:
-                for sid in task.segmentIDs:
-                    with contextlib.suppress(Exception):
-                        node.GetSegmentation().RemoveSegment(sid)
+            _takeBack(self.scene, node, task.createdSegmentationNode, task.segmentIDs)
         task.segmentationNodeID, task.segmentIDs, task.createdSegmentationNode = None, [], False
 
     def _complete(self) -> bool:
@@ -1934,12 +1929,8 @@ class SegmentationLogic:
             finally:
                 target.EndModify(wasModifying)
         except BaseException:
-            if created and target is not None:
-                _removeNode(scene, target)
-            elif target is not None:
-                for sid in addedIDs:
-                    with contextlib.suppress(Exception):
-                        target.GetSegmentation().RemoveSegment(sid)
+            if target is not None:
+                _takeBack(scene, target, created, addedIDs)
             raise
         task.segmentationNodeID = target.GetID()
         task.segmentIDs = addedIDs
@@ -1954,6 +1945,17 @@ def _unusedNodeName(scene, name: str) -> str:
         k += 1
         candidate = f"{name}_{k}"
     return candidate
+
+
+def _takeBack(scene, node, created: bool, segmentIDs: Sequence[str]) -> None:
+    """Undo an import into segmentation ``node``: remove the node if the import created it, else the segments it
+    added (a failed import, or a cancel while a batch was being imported)."""
+    if created:
+        _removeNode(scene, node)
+        return
+    for sid in segmentIDs:
+        with contextlib.suppress(Exception):
+            node.GetSegmentation().RemoveSegment(sid)
 
 
 def _removeNode(scene, node) -> None:
