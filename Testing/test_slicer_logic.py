@@ -574,6 +574,16 @@ def test_batch_results_are_imported_one_per_poll_and_a_cancel_while_importing_ta
     assert [scene.GetNodeByID(t.segmentationNodeID).GetName() for t in job.tasks] == \
         [f"import {i} GMS segmentation" for i in range(3)]
 
+    # a result that cannot be imported counts as handled: the count goes on to 2/3 instead of shrinking to 1/2
+    job = logic.start(volumes, str(tiny_model), device="cpu", weightsDir=weights_dir, tta=False)
+    assert wait_until(lambda: job.returnCode is not None, JOB_TIMEOUT, job), job.log[-20:]
+    assert job.statusText == "Importing the results: 1/3"
+    os.remove(job.tasks[1].outputPath)
+    job.poll()
+    assert job.tasks[1].state == L.TaskState.FAILED and job.statusText == "Importing the results: 2/3"
+    assert wait_until(lambda: job.finished, 5.0, job)
+    assert job.state == L.JobState.PARTIAL and "wrote no file" in job.errorMessage
+
 
 # ------------------------------------------------------------------------------------- errors reported clearly
 

@@ -1272,6 +1272,7 @@ class SegmentationJob(_WorkerJob):
         self.modelDir = ""
         self.card: dict = {}
         self._imports: list | None = None  # results waiting to be imported, once the worker has exited
+        self._importTotal = 0  # how many results were queued for import (a failed import still counts as handled)
         self._crashed = False
         super().__init__(logic, scene, args, env, tempDir, inputSteps=inputSteps)
 
@@ -1290,9 +1291,9 @@ class SegmentationJob(_WorkerJob):
             if self._cancelRequested:
                 return "Cancelling..."
             if self._imports is not None:
-                queued = sum(t.state == TaskState.SEGMENTED for t in self.tasks)
-                done = sum(t.state == TaskState.SUCCEEDED for t in self.tasks)
-                return f"Importing the results: {done}/{done + queued}" if self.batch else "Importing the result..."
+                done = self._importTotal - len(self._imports)
+                return f"Importing the results: {done}/{self._importTotal}" if self.batch else \
+                    "Importing the result..."
             running = [t for t in self.tasks if t.state == TaskState.RUNNING]
             if self._downloading is not None:
                 return self._downloadText()
@@ -1406,6 +1407,7 @@ class SegmentationJob(_WorkerJob):
                     else:
                         t.message = "the worker finished without a result"
             self._imports = [t for t in self.tasks if t.state == TaskState.SEGMENTED]
+            self._importTotal = len(self._imports)
         if self._imports:
             self._import(self._imports.pop(0))
             if self._imports:
