@@ -124,6 +124,8 @@ def test_compile_failure_falls_back_to_eager_training(busi_dir, tmp_path, monkey
                             select_postprocess=False, weights_dir=str(SHARED / "models")))
     card = json.loads((out / "card.json").read_text())
     assert card["training"]["compiled"] is False and card["training"]["epochs_run"] == 1
+    assert card["training"]["selected_epoch"] == card["metrics"]["validation"]["epoch"] == 1
+    assert card["training"]["train_seconds"] >= card["training"]["selected_seconds"] > 0
     assert "torch.compile failed (RuntimeError: Compiler: cl is not found); training eagerly" in capsys.readouterr().out
 
 

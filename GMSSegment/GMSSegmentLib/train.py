@@ -407,8 +407,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
         best = validate(model, va_img, va.labels, codes_t, n_seg)
         model.card["metrics"] = {"validation": {"dice": round(best, 4), "cases": len(val_names), "epoch": 0,
                                                 "note": "decoded at input size, per slice (the --init-from model)"}}
-        model.card["training"]["epochs_run"] = 0
-        model.card["training"]["train_seconds"] = 0.0
+        model.card["training"]["selected_epoch"] = 0
+        model.card["training"]["selected_seconds"] = 0.0
         model.save(out, overwrite=True)
         history.append({"epoch": 0, "val_dice": best, "elapsed_s": 0.0, "saved": True})
         log(json.dumps(history[-1]) + f"  (the starting point, {cfg.init_from})")
@@ -475,8 +475,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
                 best = vd
                 model.card["metrics"] = {"validation": {"dice": round(vd, 4), "cases": len(val_names),
                                                         "epoch": epoch + 1, "note": "decoded at input size, per slice"}}
-                model.card["training"]["epochs_run"] = epoch + 1
-                model.card["training"]["train_seconds"] = round(elapsed, 1)
+                model.card["training"]["selected_epoch"] = epoch + 1
+                model.card["training"]["selected_seconds"] = round(elapsed, 1)
                 model.save(out, overwrite=True)
                 rec["saved"] = True
         history.append(rec)
@@ -492,8 +492,11 @@ def train(cfg: TrainConfig, events=None) -> Path:
             log(f"time budget of {cfg.max_minutes} min reached after epoch {epoch + 1}")
             stopped_early = True
             break
-    # record the whole training time in the card of the selected model
+    # record the whole run in the card of the selected model: epochs run and training time to the end (the selected
+    # epoch and the time it was reached are selected_epoch / selected_seconds)
     final = GMSModel.load(out)
+    final.card["training"]["epochs_run"] = history[-1]["epoch"] if history else 0
+    final.card["training"]["train_seconds"] = round(history[-1]["elapsed_s"], 1) if history else 0.0
     final.card["training"]["total_seconds"] = round(time.time() - t_start, 1)
     final.card["training"]["stopped_early"] = stopped_early
     final.card["training"]["history"] = history
