@@ -41,6 +41,8 @@ def test_card_is_complete(tiny_model_card, busi_dir):
     sc = "" if tta["scales"] == [224] else "_224+256"
     chosen = f"{tta['views']}_views{sc}/{'largest_component' if pp['largest_component'] else 'none'}"
     assert table[chosen] == max(table.values())
+    assert pp["command"].startswith("gms postprocess ") and "--model " in pp["command"]  # how to redo the choice
+    assert c["training"]["epochs_run"] == len(c["training"]["history"]) >= c["training"]["selected_epoch"] >= 1
     lc = c["training"]["latent_cache"]
     assert lc["entries"] == 24 + 6 and lc["seconds"] > 0 and lc["reused"] is False
     assert lc["precision"] == c["training"]["precision"]  # training latents encoded in the training precision

@@ -505,7 +505,9 @@ def train(cfg: TrainConfig, events=None) -> Path:
         from .evaluate import select_postprocess
 
         report("stage", stage="options")
-        select_postprocess(out, root, weights_dir=cfg.weights_dir, device="cpu")
+        # the equivalent stand-alone command, so that the card says how its options were chosen
+        select_postprocess(out, root, weights_dir=cfg.weights_dir, device="cpu",
+                           command=f"gms postprocess {root} --model {out} (run by gms train at its end)")
     log(f"done: best validation Dice {best:.4f}; model folder {out}")
     report("result", path=str(out.resolve()), best=best)
     return out
