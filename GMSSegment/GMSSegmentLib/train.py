@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import time
 from collections import Counter
 from copy import deepcopy
@@ -505,9 +506,10 @@ def train(cfg: TrainConfig, events=None) -> Path:
         from .evaluate import select_postprocess
 
         report("stage", stage="options")
-        # the equivalent stand-alone command, so that the card says how its options were chosen
-        select_postprocess(out, root, weights_dir=cfg.weights_dir, device="cpu",
-                           command=f"gms postprocess {root} --model {out} (run by gms train at its end)")
+        # the equivalent stand-alone command, so that the card says how to redo the choice of its options
+        redo = ["gms", "postprocess", str(root), "--model", str(out)]
+        redo += ["--weights-dir", str(cfg.weights_dir)] if cfg.weights_dir else []
+        select_postprocess(out, root, weights_dir=cfg.weights_dir, device="cpu", command=shlex.join(redo))
     log(f"done: best validation Dice {best:.4f}; model folder {out}")
     report("result", path=str(out.resolve()), best=best)
     return out
