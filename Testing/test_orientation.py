@@ -144,13 +144,17 @@ def test_train_records_the_orientation_and_brings_volumes_into_it(hippo_dir, tmp
         np.testing.assert_array_equal(a.labels, b.labels)
 
     # choosing the inference options of a 3D model also tries smoothing along the slicing axis (one network run per
-    # test-time option, every post-processing variant derived from it), on the carved validation case
-    p = run_gms("--threads", "2", "postprocess", data, "--model", out, "--weights-dir", hippo_dir.parents[1] / "models")
+    # test-time option, every post-processing variant derived from it), on the carved validation case; --views 1 8:
+    # no augmentation, or the 8 symmetries of the square (flips and 90-degree rotations)
+    p = run_gms("--threads", "2", "postprocess", data, "--model", out, "--weights-dir", hippo_dir.parents[1] / "models",
+                "--views", "8", "1")
     assert p.returncode == 0, p.stderr
     card = json.loads((out / "card.json").read_text())
     pp, tta = card["postprocess"], card["tta"]
     table = pp["validation_dice"]
-    assert pp["selected_on"] == "1 validation cases" and len(table) == 6 * 6
+    assert pp["selected_on"] == "1 validation cases" and len(table) == 2 * 2 * 6
+    assert {k.split("_views")[0] for k in table} == {"1", "8"}
+    assert "--views 8 1" in pp["command"]
     assert {k.split("/")[1] for k in table} == {"none", "largest_component", "z_smooth_0.25",
                                                "z_smooth_0.25+largest_component", "z_smooth_0.333",
                                                "z_smooth_0.333+largest_component"}

@@ -180,8 +180,34 @@ def test_flip_tta_is_flip_equivariant_and_follows_the_card(busi_dir):
     np.testing.assert_array_equal(segment_array(m, img, postprocess={}), a)
     m.card["tta"] = {"views": 1}
     np.testing.assert_array_equal(segment_array(m, img, postprocess={}), one)
-    with pytest.raises(Exception, match="1, 2 or 4 views"):
+    with pytest.raises(Exception, match="1, 2, 4 or 8 views"):
         SliceSegmenter(m, "cpu", True, tta=3)
+
+
+def test_eight_view_tta_covers_the_rotations_of_the_square(busi_dir):
+    """The 8 views are the 8 symmetries of the square (the flips, transposed and not): each is undone exactly, they
+    are all different, and with them the prediction of an image rotated by 90 degrees is the rotated prediction."""
+    from GMSSegmentLib.postprocess import TTA_FLIPS, apply_view, undo_view
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    seen = set()
+    for v in TTA_FLIPS[8]:
+        y = apply_view(x, v)
+        assert torch.equal(undo_view(y, v), x), v
+        seen.add(tuple(y.flatten().tolist()))
+    assert len(seen) == 8
+    assert torch.equal(apply_view(x, ("t", -2)), torch.rot90(x, 1, dims=(-2, -1)))  # a transpose + flip is a rotation
+    m = load_model(resolve_model_path("busi-lesion"))
+    img = read_image(busi_dir / "images" / "malignant_5.png").array
+    img = img[:, : img.shape[0]]  # square, so that the rotation keeps the grid
+    views8 = SliceSegmenter(m, "cpu", True, tta=8)
+    a = segment_array(m, img, segmenter=views8, postprocess={})
+    b = np.rot90(segment_array(m, np.rot90(img).copy(), segmenter=views8, postprocess={}), -1)
+    assert a.any()
+    dice = 2 * int((a.astype(bool) & b.astype(bool)).sum()) / int(a.astype(bool).sum() + b.astype(bool).sum())
+    assert dice > 0.999, dice
+    four = segment_array(m, np.rot90(img).copy(), segmenter=SliceSegmenter(m, "cpu", True, tta=4), postprocess={})
+    assert not np.array_equal(np.rot90(four, -1), a)  # 4 flip views alone are not closed under rotation
 
 
 def test_multiscale_tta_averages_the_decoded_images_of_two_input_sizes(busi_dir):

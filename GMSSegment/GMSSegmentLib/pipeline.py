@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import GMSError
 from .normalization import apply_range, intensity_range
 from .orientation import to_model_orientation
-from .postprocess import (TTA_FLIPS, apply_postprocess, postprocess_settings, tta_scales, tta_views, z_smooth_weight,
+from .postprocess import (TTA_FLIPS, apply_postprocess, apply_view, undo_view, postprocess_settings, tta_scales, tta_views, z_smooth_weight,
                           z_smoothed)
 
 
@@ -180,7 +180,8 @@ class SliceSegmenter:
                  channels_last: bool = True, tta: int | None = None, precision: str = "auto",
                  scales: list[int] | None = None):
         """``tta``: None = the model card's test-time augmentation (flip views and input sizes, see postprocess.py);
-        1, 2 or 4 = that many flip views at the model's input size only (1: no test-time augmentation).
+        1, 2, 4 or 8 = that many views at the model's input size only (1: no test-time augmentation; 2 and 4: flips;
+        8: the flips and the 90-degree rotations).
         ``scales``: input sizes to average over (overrides the above). ``precision``: see autocast_for."""
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
         self.model = model.to(self.device).eval()
@@ -191,7 +192,7 @@ class SliceSegmenter:
         self.precision = _precision_name(precision)  # an unknown precision fails here, before any work
         self.tta = tta_views(model.card) if tta is None else int(tta)
         if self.tta not in TTA_FLIPS:
-            raise GMSError(f"test-time augmentation takes 1, 2 or 4 views, not {tta}")
+            raise GMSError(f"test-time augmentation takes 1, 2, 4 or 8 views, not {tta}")
         if scales is None:
             scales = tta_scales(model.card) if tta is None else [model.input_size]
         mult = model.foundation.downscale
@@ -285,12 +286,12 @@ class SliceSegmenter:
                 x = to_model_input(slices, s, self.device)
                 if not self.channels_last:
                     x = x.contiguous()
-                parts = [x.flip(d) if d else x for d in missing]
+                parts = [apply_view(x, d) for d in missing]
                 x = parts[0] if len(parts) == 1 else torch.cat(parts)
                 dec = self.decode(self.predict_latents(x))
                 for i, d in enumerate(missing):
                     part = dec[i * n:(i + 1) * n]
-                    views[d] = part.flip(d) if d else part
+                    views[d] = undo_view(part, d)
                     if cache is not None:
                         cache.put_batch([(g, s, d) for g in digests], views[d])
             dec = views[flips[0]] if len(flips) == 1 else sum(views[d] for d in flips) / len(flips)

@@ -45,7 +45,27 @@ def keep_largest_component(labels: np.ndarray, values) -> np.ndarray:
     return out
 
 
-TTA_FLIPS = {1: [()], 2: [(), (-1,)], 4: [(), (-1,), (-2,), (-2, -1)]}  # tensor dims flipped per view
+# the views of each test-time augmentation: tensor dims flipped per view; "t" first = the (square) slice is
+# transposed before the flips, so the 8 views are the 8 symmetries of the square (the flips with the 90-degree
+# rotations, which the training copies also include)
+_FLIPS4 = [(), (-1,), (-2,), (-2, -1)]
+TTA_FLIPS = {1: [()], 2: [(), (-1,)], 4: _FLIPS4, 8: _FLIPS4 + [("t",) + d for d in _FLIPS4]}
+
+
+def apply_view(x, view: tuple):
+    """(..., S, S) tensor -> the view ``view`` of it (transposed if it starts with "t", then the dims flipped)."""
+    dims = tuple(d for d in view if d != "t")
+    if view and view[0] == "t":
+        x = x.transpose(-2, -1)
+    return x.flip(dims) if dims else x
+
+
+def undo_view(x, view: tuple):
+    """The inverse of apply_view: a decoded view mapped back onto the slice."""
+    dims = tuple(d for d in view if d != "t")
+    if dims:
+        x = x.flip(dims)
+    return x.transpose(-2, -1) if view and view[0] == "t" else x
 
 
 def tta_views(card: dict) -> int:
