@@ -58,6 +58,36 @@ def test_validation_is_carved_from_train_never_test(busi_dir):
     assert not set(train) & set(val)
 
 
+def test_adapting_with_another_seed_keeps_the_models_validation_part(busi_dir):
+    """--init-from a model on its own data set with another --seed (fresh augmented copies): the validation part stays
+    the one the model was selected on, so none of its training cases are scored as validation; the new card's config
+    leads gms postprocess / evaluate back to the same cases. An explicit --split-seed, or another data set, is kept."""
+    from dataclasses import asdict, replace
+
+    from GMSSegmentLib.evaluate import validation_cases
+    from GMSSegmentLib.modelpaths import resolve_model_path
+    from GMSSegmentLib.train import _keep_base_validation
+
+    base = json.loads((resolve_model_path("busi-lesion") / "card.json").read_text())
+    base_val = validation_cases(base, busi_dir)
+    assert len(base_val) == 52
+    cfg = TrainConfig(data=str(busi_dir), output="unused", seed=1, init_from="busi-lesion")
+    _, naive_val = _split_names(cfg, busi_dir, "2d")
+    assert set(naive_val) != set(base_val)  # a plain carve with seed 1 would mix the model's training cases in
+    adapted, note = _keep_base_validation(cfg, base, busi_dir)
+    assert adapted.seed == 1 and adapted.split_seed == base["training"]["config"]["seed"]
+    assert "selected on" in note
+    train, val = _split_names(adapted, busi_dir, "2d")
+    assert val == base_val and not set(train) & set(base_val)
+    card = {"training": {"data": busi_dir.name, "config": asdict(adapted)}}
+    assert validation_cases(card, busi_dir) == base_val
+
+    explicit = replace(cfg, split_seed=1)
+    assert _keep_base_validation(explicit, base, busi_dir) == (explicit, None)
+    other = {**base, "training": {**base["training"], "data": "kvasir-seg"}}
+    assert _keep_base_validation(cfg, other, busi_dir) == (cfg, None)
+
+
 def test_resume_continues_from_checkpoint(tiny_model, tmp_path):
     from conftest import run_gms, SHARED
 

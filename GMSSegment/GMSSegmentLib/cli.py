@@ -146,7 +146,7 @@ def cmd_train(args, rep: Reporter) -> int:
         batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, dice_samples=args.dice_samples,
         latent_noise=args.latent_noise, precision=args.precision, compile=args.compile, ema=args.ema,
         select_postprocess=not args.no_postprocess_select,
-        seed=args.seed, val_every=args.val_every, cache_dir=args.cache_dir,
+        seed=args.seed, split_seed=args.split_seed, val_every=args.val_every, cache_dir=args.cache_dir,
         work_dir=args.work_dir, resume=not args.no_resume, licence=args.licence, citation=args.citation,
         description=args.description, init_from=args.init_from)
     events = None
@@ -301,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the LMM's training step (about 1.5x faster per step here after a compilation "
                         "of 1-2 minutes; needs a C++ compiler, falls back to eager if compilation fails)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the augmented copies, the shuffling and the initial weights (and of the validation "
+                        "carve unless --split-seed is given)")
+    t.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the validation part carved from the training list (default: --seed; adapting a "
+                        "model with --init-from on its own data set: the part that model was selected on)")
     t.add_argument("--val-every", type=int, default=1)
     t.add_argument("--cache-dir", default=None)
     t.add_argument("--work-dir", default=None, help="checkpoints, log and latent cache (default <output>.work)")

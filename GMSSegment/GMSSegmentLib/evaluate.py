@@ -116,7 +116,7 @@ def validation_cases(card: dict, root: Path) -> list[str]:
     if tr.get("data") != root.name:
         raise GMSError(f"model '{card.get('name')}' was trained on '{tr.get('data')}', not on {root}: its validation "
                        "cases are not known")
-    keys = ("train_list", "val_list", "val_fraction", "max_train", "max_val", "seed")
+    keys = ("train_list", "val_list", "val_fraction", "max_train", "max_val", "seed", "split_seed")
     cfg = TrainConfig(data=str(root), output="unused", **{k: tr["config"][k] for k in keys if k in tr["config"]})
     return _split_names(cfg, root, detect_layout(root))[1]
 

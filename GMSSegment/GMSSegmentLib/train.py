@@ -69,7 +69,9 @@ class TrainConfig:
     #                          training cache; the validation cache and validation itself stay fp32)
     ema: float = 0.0  # > 0: validate, select and save an exponential moving average of the weights with this decay
     compile: bool = False  # torch.compile the LMM's training step (needs a C++ compiler; 1.5x per step here, 1-2 min compile)
-    seed: int = 0
+    seed: int = 0  # augmentation, shuffling and initialisation; also the validation carve unless split_seed is given
+    split_seed: int | None = None  # seed of the validation part carved from the training list (None: seed; adapting
+    #                                a model on its own data set: the carve the model was selected on)
     val_every: int = 1
     cache_dir: str | None = None
     work_dir: str | None = None
@@ -203,7 +205,7 @@ def _split_names(cfg: TrainConfig, root: Path, layout: str):
             raise GMSError(f"split.json of {root} has no list '{cfg.val_list}'")
         val = sorted(split[cfg.val_list])
     else:  # carve a validation part from the training list, deterministically
-        rng = np.random.default_rng(cfg.seed + 12345)
+        rng = np.random.default_rng((cfg.seed if cfg.split_seed is None else cfg.split_seed) + 12345)
         perm = rng.permutation(len(train))
         n_val = max(1, int(round(len(train) * cfg.val_fraction)))
         val = sorted(train[i] for i in perm[:n_val])
@@ -236,6 +238,9 @@ def train(cfg: TrainConfig, events=None) -> Path:
     else:
         cfg = replace(cfg, input_size=cfg.input_size or 224, axis=cfg.axis or 0)
     root = Path(cfg.data)
+    adapt_note = None
+    if base is not None:
+        cfg, adapt_note = _keep_base_validation(cfg, base.card, root)
     layout = detect_layout(root)
     out = Path(cfg.output)
     work = Path(cfg.work_dir) if cfg.work_dir else out.with_name(out.name + ".work")
@@ -277,6 +282,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
             s["label"] = int(v)
     codes = np.array([s["code"] for s in segments], np.float32)
     log(f"data {root} ({layout}): {len(train_names)} train, {len(val_names)} validation cases; segments {cfg.segments}")
+    if adapt_note:
+        log(adapt_note)
 
     foundation = load_foundation(cfg.foundation, weights_dir=cfg.weights_dir)
     foundation = foundation.to(memory_format=torch.channels_last)
@@ -513,6 +520,27 @@ def train(cfg: TrainConfig, events=None) -> Path:
     log(f"done: best validation Dice {best:.4f}; model folder {out}")
     report("result", path=str(out.resolve()), best=best)
     return out
+
+
+def _keep_base_validation(cfg: TrainConfig, base_card: dict, root: Path) -> tuple[TrainConfig, str | None]:
+    """Adapting a model on the data set it was trained on, with its validation part carved from the training list:
+    carve the same part (its seed and fraction), whatever --seed says, so that none of the cases the model was trained
+    on are counted as validation (its starting point would look better than it is) and none of the cases it was selected
+    on are trained on. A --split-seed, --val-fraction or list given explicitly is kept."""
+    tr = base_card.get("training") or {}
+    conf = tr.get("config")
+    if cfg.val_list or tr.get("data") != root.name or not isinstance(conf, dict) or conf.get("val_list"):
+        return cfg, None
+    base_seed = conf.get("split_seed")
+    base_seed = conf.get("seed", 0) if base_seed is None else base_seed
+    keep = {k: conf[k] for k in ("train_list", "val_fraction") if k in conf}
+    if cfg.split_seed is not None or any(getattr(cfg, k) != v for k, v in keep.items()):
+        return cfg, None  # the user chose another split on purpose
+    if base_seed == cfg.seed:
+        return cfg, None
+    return replace(cfg, split_seed=int(base_seed)), (
+        f"validation: the part of '{cfg.train_list}' that '{base_card.get('name')}' was selected on (split seed "
+        f"{base_seed}; --seed {cfg.seed} drives the augmentation and shuffling only)")
 
 
 def _init_model(cfg: TrainConfig) -> tuple[GMSModel, dict]:
