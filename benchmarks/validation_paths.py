@@ -11,7 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
@@ -37,7 +36,7 @@ def main() -> None:
         model = GMSModel.load(resolve_model_path(ref))
         model.attach_foundation(foundation)
         size, values = model.input_size, model.card["training"]["label_values"]
-        codes = torch.tensor(np.array([s["code"] for s in model.card["segments"]], np.float32))
+        codes = model.codes
         names = validation_cases(model.card, root)
         lat, labels = [], []
         with torch.inference_mode():
