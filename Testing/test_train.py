@@ -210,3 +210,35 @@ def test_init_from_adapts_a_bundled_model_and_keeps_its_starting_point(busi_dir,
     assert p.returncode == 2 and "trained on the foundation model 'diffusers-kl'" in p.stderr, p.stderr[-2000:]
     assert not bad.exists() and not (tmp_path / "bad.work").exists()
     assert MODULE_DIR in base_dir.parents  # the bundled model, untouched above
+
+
+def test_training_sees_the_pixels_inference_sees(shared_dir):
+    """Training's samples must be the pixels the network gets in use. Kvasir's JPEGs decode differently in PIL and
+    ITK (up to ~50 grey levels apart); inference reads files with ITK (``read_image``, as Slicer does), so training
+    must too. The array inference hands the network is captured at ``decode_slices`` on the real path of
+    ``gms segment`` / ``gms evaluate`` with the shipped kvasir-polyp model."""
+    from PIL import Image
+
+    from GMSSegmentLib.data import find_image, load_2d
+    from GMSSegmentLib.imageio import read_image
+    from GMSSegmentLib.model import load_model, resolve_model_path
+    from GMSSegmentLib.pipeline import FastDecodeSettings, SliceSegmenter, segment_array
+
+    root = shared_dir / "data" / "kvasir-seg"
+    m = load_model(resolve_model_path("kvasir-polyp"), weights_dir=shared_dir / "models", device=torch.device("cpu"))
+    seg = SliceSegmenter(m, torch.device("cpu"), FastDecodeSettings(enabled=True), tta=1)
+    seen = []
+    real = seg.decode_slices
+    seg.decode_slices = lambda x, *a, **k: (seen.append(np.array(x)), real(x, *a, **k))[1]
+    names = json.loads((root / "split.json").read_text())["val"][:3]
+    for name in names:
+        seen.clear()
+        path = find_image(root, name)
+        assert path.suffix == ".jpg"
+        segment_array(m, read_image(path).array, segmenter=seg)
+        sample = load_2d(root, name, m.card["training"]["label_values"], m.card["normalization"])
+        assert len(seen) == 1 and seen[0].shape == (1,) + sample.image.shape
+        assert np.array_equal(seen[0][0], sample.image), name
+        # the check has teeth: PIL's decoding of the same file is not what the network sees
+        pil = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255.0
+        assert np.abs(pil - sample.image).max() > 5 / 255, name

@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, events=None) -> Path:
     if layout == "2d":
         label_values = cfg.label_values or ([255] if n_seg == 1 else list(range(1, n_seg + 1)))
         norm = cfg.normalization or {"mode": "photo"}
-        samples_fn = lambda n: [load_2d(root, n, label_values)]  # noqa: E731
+        samples_fn = lambda n: [load_2d(root, n, label_values, norm)]  # noqa: E731
     else:
         label_values = cfg.label_values or list(range(1, n_seg + 1))
         norm = cfg.normalization or {"mode": "percentile", "low": 0.5, "high": 99.5}
@@ -295,7 +295,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
                            "weights (their SHA-256 differ from the ones loaded here); its latents would not match")
         base.attach_foundation(foundation)  # the model's own check of latent channels and name, also before encoding
     key_src = json.dumps([str(root.resolve()), train_names, val_names, cfg.augment_copies, cfg.seed, cfg.input_size,
-                          cfg.foundation, norm, label_values, cfg.axis, layout]
+                          cfg.foundation, norm, label_values, cfg.axis, layout,
+                          "2d images read by read_image"]  # caches from the earlier PIL reader are not reused
                          + ([orientation] if orientation else []), sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else work / "cache"
