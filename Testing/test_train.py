@@ -214,7 +214,7 @@ def test_init_from_adapts_a_bundled_model_and_keeps_its_starting_point(busi_dir,
 
 def test_training_sees_the_pixels_inference_sees(shared_dir):
     """Training's samples must be the pixels the network gets in use. Kvasir's JPEGs decode differently in PIL and
-    ITK (up to ~50 grey levels apart); inference reads files with ITK (``read_image``, as Slicer does), so training
+    ITK (up to ~50 grey levels apart); inference reads files with SimpleITK (``read_image``), so training
     must too. The array inference hands the network is captured at ``decode_slices`` on the real path of
     ``gms segment`` / ``gms evaluate`` with the shipped kvasir-polyp model."""
     from PIL import Image
