@@ -41,7 +41,7 @@ def main() -> None:
         lat, labels = [], []
         with torch.inference_mode():
             for i in range(0, len(names), 16):
-                samples = [load_2d(root, n, values) for n in names[i:i + 16]]
+                samples = [load_2d(root, n, values, model.card.get("normalization")) for n in names[i:i + 16]]
                 x = torch.cat([to_model_input(s.image[None], size, "cpu") for s in samples])
                 lat.append(foundation.encode(x.contiguous(memory_format=torch.channels_last)))
                 labels += [torch.from_numpy(_resize_labels(s.labels, size)) for s in samples]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import GMSError
 from .imageio import read_image
-from .normalization import apply_range, intensity_range
+from .normalization import DEFAULT as PHOTO, apply_range, intensity_range
 from .orientation import orientation_code, reorientation
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -72,7 +72,7 @@ def load_2d(root: Path, name: str, label_values=(255,), normalization: dict | No
     pixels up to ~50 grey levels apart (mostly the half-resolution chroma planes), which cost the Kvasir model 0.005
     validation Dice."""
     img = read_image(find_image(root, name)).array[0]
-    img = apply_range(img, *intensity_range(img, normalization or {"mode": "photo"}))
+    img = apply_range(img, *intensity_range(img, normalization or PHOTO))
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     return Sample(name, img, load_mask(root, name, label_values))
