@@ -1,4 +1,5 @@
-"""The ``gms`` command line (also ``python -m GMSSegmentLib``): segment, train, evaluate, benchmark, info, sample.
+"""The ``gms`` command line (also ``python -m GMSSegmentLib``): segment, train, evaluate, postprocess, average,
+benchmark, info, sample.
 
 Exit codes: 0 success; 2 bad input, model or options (a one-line message); 1 an unexpected failure; 130 cancelled.
 """
@@ -183,6 +184,15 @@ def cmd_postprocess(args, rep: Reporter) -> int:
     return 0
 
 
+def cmd_average(args, rep: Reporter) -> int:
+    from .average import average_models
+
+    out = average_models(args.sources, args.output, weights=args.weights, name=args.name)
+    print(f"averaged {len(args.sources)} models into {out}; choose its inference options on the validation cases "
+          f"with: gms postprocess DATA --model {out}", flush=True)
+    return 0
+
+
 def cmd_benchmark(args, rep: Reporter) -> int:
     from .benchmark import run_benchmark
 
@@ -349,6 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "Dice (a smaller gain is noise on the validation cases); best: the best mean")
     common(pp, precision=False)
     pp.set_defaults(func=cmd_postprocess)
+
+    av = sub.add_parser("average", help="average the LMM weights of models of one training lineage (model folders, "
+                        "installed model names or training checkpoints <output>.work/last.pt) into a new model folder")
+    av.add_argument("sources", nargs="+", help="model folders, installed model names, or training checkpoints")
+    av.add_argument("-o", "--output", required=True, help="new model folder (must not exist)")
+    av.add_argument("--weights", type=float, nargs="+", help="one weight per source (default: equal)")
+    av.add_argument("--name", help="model name in the new card (default: the first source's)")
+    av.set_defaults(func=cmd_average)
 
     b = sub.add_parser("benchmark", help="slices/s and peak RSS of our loop vs a reference-style loop")
     from .benchmark import add_arguments
