@@ -2,7 +2,6 @@
 continued from it), through the command line as users and the worker run it."""
 import json
 import re
-import shutil
 
 import torch
 
@@ -76,9 +75,40 @@ def test_average_refuses_what_cannot_be_averaged(tiny_model, tmp_path):
     assert p.returncode == 2 and "exists" in p.stderr and (out / "keep.txt").read_text() == "mine"
     assert sorted(x.name for x in out.iterdir()) == ["keep.txt"]
 
+    state = torch.load(tiny_model.with_name(tiny_model.name + ".work") / "last.pt", weights_only=True)
+    assert state["output"] == str(tiny_model.resolve())
+    state["output"] = str(tmp_path / "gone")  # the run's model folder was deleted
     orphan = tmp_path / "gone.work"
     orphan.mkdir()
-    shutil.copy(tiny_model.with_name(tiny_model.name + ".work") / "last.pt", orphan / "last.pt")
+    torch.save(state, orphan / "last.pt")
     p = run_gms("average", tiny_model, orphan, "-o", tmp_path / "o2")
-    assert p.returncode == 2 and "run's model folder" in p.stderr, p.stderr
+    assert p.returncode == 2 and "run's model folder" in p.stderr and "gone" in p.stderr, p.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def test_train_keeps_snapshots_to_average(busi_dir, tmp_path):
+    """gms train --keep-every 1 keeps each epoch's moving average in the work folder (here a custom --work-dir), and
+    gms average finds their run's card and statistics from the snapshots alone."""
+    out, work = tmp_path / "run", tmp_path / "elsewhere"
+    run_gms("--threads", "2", "train", busi_dir, "-o", out, "--work-dir", work, "--segments", "lesion",
+            "--max-train", "8", "--max-val", "2", "--augment-copies", "1", "--warmup-epochs", "1",
+            "--dice-samples", "1", "--ema", "0.9", "--epochs", "2", "--keep-every", "1", "--no-postprocess-select",
+            check=True)
+    snaps = sorted(work.glob("epoch-*.pt"))
+    assert [s.name for s in snaps] == ["epoch-0001.pt", "epoch-0002.pt"]
+    last = torch.load(work / "last.pt", weights_only=True)
+    s2 = torch.load(snaps[1], weights_only=True)
+    assert s2["epoch"] == 2 and "opt" not in s2 and "lmm" not in s2  # the averaged weights only
+    assert all(torch.equal(s2["ema"][k], v) for k, v in last["ema"].items())
+    avg = tmp_path / "avg"
+    run_gms("average", *snaps, "-o", avg, check=True)
+    card = json.loads((avg / "card.json").read_text())
+    assert [s["epoch"] for s in card["training"]["averaged_from"]] == [1, 2]
+    s1 = torch.load(snaps[0], weights_only=True)
+    a = GMSModel.load(avg).lmm.state_dict()
+    for k, v in a.items():
+        torch.testing.assert_close(v.float(), (s1["ema"][k].float() + s2["ema"][k].float()) / 2, atol=2e-3,
+                                   rtol=1e-3)
+    p = run_gms("--threads", "2", "train", busi_dir, "-o", tmp_path / "bad", "--segments", "lesion",
+                "--keep-every", "-1")
+    assert p.returncode == 2 and "--keep-every must be" in p.stderr and not (tmp_path / "bad").exists()

@@ -31,26 +31,31 @@ def _sha256(path: Path) -> str:
 
 
 def load_ingredient(source) -> tuple[GMSModel, dict]:
-    """A model folder (or installed model name), or a training checkpoint: ``<output>.work/last.pt`` or its
-    ``<output>.work`` folder. A checkpoint holds weights only; its card and latent statistics are those of the run's
-    model folder ``<output>`` beside it, and its moving average of the weights is used when the run kept one (the
+    """A model folder (or installed model name), or a training checkpoint: ``<work>/last.pt`` (or the ``<work>``
+    folder), or a snapshot ``<work>/epoch-NNNN.pt`` kept by ``gms train --keep-every``. A checkpoint holds weights
+    only; its card and latent statistics are those of the run's model folder (recorded in the checkpoint, else
+    ``<output>`` beside ``<output>.work``), and its moving average of the weights is used when the run kept one (the
     weights that run validated), else the trained weights."""
     p = Path(str(source)).expanduser()
     if p.is_dir() and p.name.endswith(".work") and (p / "last.pt").is_file():
         p = p / "last.pt"
     if p.is_file():
         if p.suffix != ".pt":
-            raise GMSError(f"{p}: not a model folder or a training checkpoint (last.pt)")
-        run_dir = p.parent.with_name(p.parent.name[:-len(".work")]) if p.parent.name.endswith(".work") else None
-        if run_dir is None or not run_dir.is_dir():
-            raise GMSError(f"checkpoint {p}: its run's model folder (the folder beside '{p.parent.name}' without "
-                           "'.work') is missing; it holds the card and latent statistics the weights belong to")
-        model = GMSModel.load(run_dir)
+            raise GMSError(f"{p}: not a model folder or a training checkpoint (last.pt, epoch-NNNN.pt)")
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file
             raise GMSError(f"cannot read training checkpoint {p}: {e}") from None
-        weights = state.get("ema", state.get("lmm")) if isinstance(state, dict) else None
+        if not isinstance(state, dict):
+            raise GMSError(f"{p} is not a GMS training checkpoint")
+        # the run's model folder: recorded in the checkpoint, else the default <output> beside <output>.work
+        run_dir = Path(state["output"]) if isinstance(state.get("output"), str) else (
+            p.parent.with_name(p.parent.name[:-len(".work")]) if p.parent.name.endswith(".work") else None)
+        if run_dir is None or not run_dir.is_dir():
+            raise GMSError(f"checkpoint {p}: its run's model folder ({run_dir or 'unknown'}) is missing; it holds the "
+                           "card and latent statistics the weights belong to")
+        model = GMSModel.load(run_dir)
+        weights = state.get("ema", state.get("lmm"))
         if not isinstance(weights, dict):
             raise GMSError(f"{p} is not a GMS training checkpoint (no 'lmm' weights)")
         try:

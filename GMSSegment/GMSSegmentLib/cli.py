@@ -147,7 +147,8 @@ def cmd_train(args, rep: Reporter) -> int:
         batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, dice_samples=args.dice_samples,
         latent_noise=args.latent_noise, precision=args.precision, compile=args.compile, ema=args.ema,
         select_postprocess=not args.no_postprocess_select,
-        seed=args.seed, split_seed=args.split_seed, val_every=args.val_every, cache_dir=args.cache_dir,
+        seed=args.seed, split_seed=args.split_seed, val_every=args.val_every, keep_every=args.keep_every,
+        cache_dir=args.cache_dir,
         work_dir=args.work_dir, resume=not args.no_resume, licence=args.licence, citation=args.citation,
         description=args.description, init_from=args.init_from)
     events = None
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the validation part carved from the training list (default: --seed; adapting a "
                         "model with --init-from on its own data set: the part that model was selected on)")
     t.add_argument("--val-every", type=int, default=1)
+    t.add_argument("--keep-every", type=int, default=0,
+                   help="also keep the weights every N epochs in the work folder (epoch-NNNN.pt; the moving average "
+                        "with --ema), to average them later with gms average")
     t.add_argument("--cache-dir", default=None)
     t.add_argument("--work-dir", default=None, help="checkpoints, log and latent cache (default <output>.work)")
     t.add_argument("--no-resume", action="store_true")

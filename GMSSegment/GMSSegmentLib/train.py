@@ -73,6 +73,7 @@ class TrainConfig:
     split_seed: int | None = None  # seed of the validation part carved from the training list (None: seed; adapting
     #                                a model on its own data set: the carve the model was selected on)
     val_every: int = 1
+    keep_every: int = 0  # also keep the (averaged) weights every N epochs as <work>/epoch-NNNN.pt, for gms average
     cache_dir: str | None = None
     work_dir: str | None = None
     resume: bool = True
@@ -230,6 +231,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
 
     if not 0 <= cfg.ema < 1:  # checked before any data is read or encoded
         raise GMSError(f"--ema must be 0 (off) or a decay in (0, 1), got {cfg.ema}")
+    if cfg.keep_every < 0:
+        raise GMSError(f"--keep-every must be 0 (off) or a number of epochs, got {cfg.keep_every}")
     base, base_ref = _init_model(cfg) if cfg.init_from else (None, None)
     if base is not None:  # the base model's input size, normalisation and slicing axis unless given
         cfg = replace(cfg, input_size=cfg.input_size or base.input_size,
@@ -491,12 +494,19 @@ def train(cfg: TrainConfig, events=None) -> Path:
         history.append(rec)
         log(json.dumps(rec))
         report("epoch", **rec, epochs=cfg.epochs, max_minutes=cfg.max_minutes, best=best)
+        # "output" lets gms average find the card and latent statistics these weights belong to
         state = {"lmm": lmm.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "best": best,
-                 "history": json.dumps(history)}
+                 "history": json.dumps(history), "output": str(out.resolve())}
         if ema_lmm is not None:
             state["ema"] = ema_lmm.state_dict()
         torch.save(state, work / "last.tmp")
         os.replace(work / "last.tmp", ckpt)
+        if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:  # the weights validation sees, for averaging
+            snap = {k: state[k] for k in ("ema", "epoch", "output") if k in state}
+            if "ema" not in snap:
+                snap["lmm"] = state["lmm"]
+            torch.save(snap, work / "snap.tmp")
+            os.replace(work / "snap.tmp", work / f"epoch-{epoch + 1:04d}.pt")
         if over_time:
             log(f"time budget of {cfg.max_minutes} min reached after epoch {epoch + 1}")
             stopped_early = True
