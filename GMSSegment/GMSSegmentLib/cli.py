@@ -365,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     pp.set_defaults(func=cmd_postprocess)
 
     av = sub.add_parser("average", help="average the LMM weights of models of one training lineage (model folders, "
-                        "installed model names or training checkpoints <output>.work/last.pt) into a new model folder")
-    av.add_argument("sources", nargs="+", help="model folders, installed model names, or training checkpoints")
+                        "installed model names, training checkpoints <work>/last.pt or the snapshots "
+                        "<work>/epoch-NNNN.pt of gms train --keep-every) into a new model folder")
+    av.add_argument("sources", nargs="+", help="model folders, installed model names, or training checkpoints (a "
+                    "checkpoint's card and latent statistics are those of its run's model folder)")
     av.add_argument("-o", "--output", required=True, help="new model folder (must not exist)")
     av.add_argument("--weights", type=float, nargs="+", help="one weight per source (default: equal)")
     av.add_argument("--name", help="model name in the new card (default: the first source's)")
