@@ -2,6 +2,7 @@
 continued from it), through the command line as users and the worker run it."""
 import json
 import re
+import shutil
 
 import torch
 
@@ -64,6 +65,15 @@ def test_average_refuses_what_cannot_be_averaged(tiny_model, tmp_path):
     shifted.save(tmp_path / "shifted")
     p = run_gms("average", "busi-lesion", tmp_path / "shifted", "-o", out)
     assert p.returncode == 2 and "latent statistics (image_mean) differ" in p.stderr, p.stderr
+    assert not out.exists()
+
+    other = tmp_path / "other-taef2"
+    shutil.copytree(resolve_model_path("busi-lesion"), other)
+    card = json.loads((other / "card.json").read_text())
+    card["foundation"]["files"] = {k: "0" * 64 for k in card["foundation"]["files"]}
+    (other / "card.json").write_text(json.dumps(card))
+    p = run_gms("average", "busi-lesion", other, "-o", out)
+    assert p.returncode == 2 and "different foundation model weights" in p.stderr, p.stderr
     assert not out.exists()
 
     p = run_gms("average", "busi-lesion", "-o", out)

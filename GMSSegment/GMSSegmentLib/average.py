@@ -81,6 +81,10 @@ def _check_compatible(models: list[GMSModel], refs: list[dict]) -> None:
         if (m.card["foundation"].get("name")) != first.card["foundation"].get("name"):
             raise GMSError(f"cannot average {src0} and {src}: foundation models differ "
                            f"('{first.card['foundation'].get('name')}' vs '{m.card['foundation'].get('name')}')")
+        theirs, ours = (m.card["foundation"].get("files"), first.card["foundation"].get("files"))
+        if theirs and ours and theirs != ours:
+            raise GMSError(f"cannot average {src0} and {src}: they were trained on different foundation model weights "
+                           "(the SHA-256 in their cards differ), so their latents differ")
         for key in SHARED_KEYS:
             if m.card.get(key) != first.card.get(key):
                 raise GMSError(f"cannot average {src0} and {src}: the cards' '{key}' differ "
