@@ -11,23 +11,19 @@ ingredients, so they are dropped from its card: choose them again on the validat
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import torch
 
 from . import GMSError
-from .model import GMSModel
+from .model import WEIGHTS, GMSModel
 from .modelpaths import resolve_model_path
+from .weights import sha256_file
 
 STATS = ("image_mean", "image_std", "mask_mean", "mask_std")
 # card entries that must agree between ingredients (the statistics and the LMM's tensors are checked separately)
 SHARED_KEYS = ("input_size", "normalization", "segments", "lmm", "axis", "dimension", "orientation")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_ingredient(source) -> tuple[GMSModel, dict]:
@@ -63,14 +59,14 @@ def load_ingredient(source) -> tuple[GMSModel, dict]:
         except RuntimeError as e:
             raise GMSError(f"checkpoint {p} does not match the LMM of {run_dir}: {str(e).splitlines()[0]}") from None
         ref = {"source": str(p), "kind": "checkpoint", "epoch": int(state.get("epoch", 0)),
-               "weights": "moving average" if "ema" in state else "trained", "sha256": _sha256(p)}
+               "weights": "moving average" if "ema" in state else "trained", "sha256": sha256_file(p)}
         return model, ref
     folder = resolve_model_path(source)
     model = GMSModel.load(folder)
     tr = model.card.get("training") or {}
     ref = {"source": str(source), "kind": "model", "name": model.card.get("name"),
            "version": model.card.get("version"), "selected_epoch": tr.get("selected_epoch"),
-           "sha256": _sha256(folder / "model.safetensors")}
+           "sha256": sha256_file(folder / WEIGHTS)}
     return model, ref
 
 
@@ -126,7 +122,7 @@ def average_models(sources: list, output, weights: list[float] | None = None, na
     result = models[0]
     result.lmm.load_state_dict(avg)
     card = dict(result.card)
-    for key in ("tta", "postprocess", "metrics"):
+    for key in ("tta", "postprocess"):
         card.pop(key, None)
     card["metrics"] = {}
     if name:

@@ -502,10 +502,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
         torch.save(state, work / "last.tmp")
         os.replace(work / "last.tmp", ckpt)
         if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:  # the weights validation sees, for averaging
-            snap = {k: state[k] for k in ("ema", "epoch", "output") if k in state}
-            if "ema" not in snap:
-                snap["lmm"] = state["lmm"]
-            torch.save(snap, work / "snap.tmp")
+            kept = "ema" if ema_lmm is not None else "lmm"
+            torch.save({kept: state[kept], "epoch": state["epoch"], "output": state["output"]}, work / "snap.tmp")
             os.replace(work / "snap.tmp", work / f"epoch-{epoch + 1:04d}.pt")
         if over_time:
             log(f"time budget of {cfg.max_minutes} min reached after epoch {epoch + 1}")
