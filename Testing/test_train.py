@@ -242,3 +242,25 @@ def test_training_sees_the_pixels_inference_sees(shared_dir):
         # the check has teeth: PIL's decoding of the same file is not what the network sees
         pil = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255.0
         assert np.abs(pil - sample.image).max() > 5 / 255, name
+
+
+def test_train_weight_decay_shrinks_weights(busi_dir, tmp_path):
+    """--weight-decay reaches AdamW: the same tiny run (same seed, data and steps) with a large decay ends with
+    smaller weights, and the card records the value; a negative value is refused before anything is written."""
+    from conftest import run_gms
+
+    norms = {}
+    for wd in ("0", "50"):
+        out = tmp_path / f"wd{wd}"
+        run_gms("--threads", "2", "train", busi_dir, "-o", out, "--segments", "lesion", "--max-train", "8",
+                "--max-val", "2", "--augment-copies", "1", "--warmup-epochs", "1", "--dice-samples", "0",
+                "--epochs", "2", "--weight-decay", wd, "--no-postprocess-select", "--cache-dir", tmp_path / "cache",
+                check=True)
+        card = json.loads((out / "card.json").read_text())
+        assert card["training"]["config"]["weight_decay"] == float(wd)
+        lmm = torch.load(tmp_path / f"wd{wd}.work" / "last.pt", weights_only=True)["lmm"]
+        norms[wd] = sum(float(v.float().pow(2).sum()) for k, v in lmm.items() if k.endswith("weight"))
+    assert norms["50"] < 0.9 * norms["0"], norms
+    p = run_gms("--threads", "2", "train", busi_dir, "-o", tmp_path / "bad", "--segments", "lesion",
+                "--weight-decay", "-0.1")
+    assert p.returncode == 2 and "--weight-decay must be" in p.stderr and not (tmp_path / "bad").exists()

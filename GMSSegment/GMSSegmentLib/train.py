@@ -231,6 +231,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
 
     if not 0 <= cfg.ema < 1:  # checked before any data is read or encoded
         raise GMSError(f"--ema must be 0 (off) or a decay in (0, 1), got {cfg.ema}")
+    if cfg.weight_decay < 0:
+        raise GMSError(f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
     if cfg.keep_every < 0:
         raise GMSError(f"--keep-every must be 0 (off) or a number of epochs, got {cfg.keep_every}")
     base, base_ref = _init_model(cfg) if cfg.init_from else (None, None)
