@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from . import GMSError
-from .model import WEIGHTS, GMSModel
+from .model import STATS, WEIGHTS, GMSModel
 from .modelpaths import resolve_model_path
 from .weights import sha256_file
 
-STATS = ("image_mean", "image_std", "mask_mean", "mask_std")
 # card entries that must agree between ingredients (the statistics and the LMM's tensors are checked separately)
 SHARED_KEYS = ("input_size", "normalization", "segments", "lmm", "axis", "dimension", "orientation")
 

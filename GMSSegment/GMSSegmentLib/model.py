@@ -22,6 +22,8 @@ from .orientation import check_code
 from .modelpaths import CARD, DEFAULT_MODEL, find_models, resolve_model_path  # noqa: F401
 
 WEIGHTS = "model.safetensors"
+#: the per-channel latent statistics stored beside the LMM weights (standardisation of image and mask latents)
+STATS = ("image_mean", "image_std", "mask_mean", "mask_std")
 FORMAT_VERSION = 1
 
 #: code colours of segments in the decoded image. Binary models use white (the GMS paper's rule: channel mean > 0.5).
@@ -59,7 +61,7 @@ class GMSModel(torch.nn.Module):
         super().__init__()
         self.card = card
         self.lmm = lmm
-        for k in ("image_mean", "image_std", "mask_mean", "mask_std"):
+        for k in STATS:
             self.register_buffer(k, stats[k].float().reshape(1, -1, 1, 1))
         self.foundation = None
 
@@ -104,7 +106,7 @@ class GMSModel(torch.nn.Module):
             raise GMSError(f"model folder {folder} exists and is not empty")
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"lmm.{k}": v.detach().to(torch.float16).contiguous() for k, v in self.lmm.state_dict().items()}
-        for k in ("image_mean", "image_std", "mask_mean", "mask_std"):
+        for k in STATS:
             tensors[f"stats.{k}"] = getattr(self, k).detach().flatten().float().contiguous()
         card = dict(self.card)
         card["format_version"] = FORMAT_VERSION
@@ -145,7 +147,7 @@ class GMSModel(torch.nn.Module):
         except RuntimeError as e:
             raise GMSError(f"model weights {weights_path} do not match the card's LMM: {str(e).splitlines()[0]}") from None
         stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
-        missing = {"image_mean", "image_std", "mask_mean", "mask_std"} - set(stats)
+        missing = set(STATS) - set(stats)
         if missing:
             raise GMSError(f"model weights {weights_path} lack latent statistics {sorted(missing)}")
         model = cls(card, lmm, stats)

@@ -32,7 +32,7 @@ from . import GMSError, __version__
 from .augment import augment_pair
 from .data import detect_layout, load_2d, load_3d, read_split, volume_orientation
 from .lmm import LatentMappingModel, LMMConfig
-from .model import WEIGHTS, GMSModel, make_segments
+from .model import STATS, WEIGHTS, GMSModel, make_segments
 from .modelpaths import resolve_model_path
 from .pipeline import classify, to_model_input, train_autocast, training_precision
 from .weights import sha256_file
@@ -336,8 +336,7 @@ def train(cfg: TrainConfig, events=None) -> Path:
         mk_mean, mk_std = stats(tr.mask)
         lmm = LatentMappingModel(LMMConfig(latent_channels=foundation.latent_channels))
     else:  # the starting weights were trained on latents standardised with the base model's statistics: keep them
-        im_mean, im_std, mk_mean, mk_std = (getattr(base, k).flatten()
-                                            for k in ("image_mean", "image_std", "mask_mean", "mask_std"))
+        im_mean, im_std, mk_mean, mk_std = (getattr(base, k).flatten() for k in STATS)
         lmm = LatentMappingModel(LMMConfig.from_dict(base.card["lmm"]))
         lmm.load_state_dict(base.lmm.state_dict())
     lmm = lmm.to(memory_format=torch.channels_last)
