@@ -40,11 +40,6 @@ def _ensemble_latents(self, x: torch.Tensor) -> torch.Tensor:
     return sum(outs) / len(outs)
 
 
-def score(first: Path, extra: list[Path], root: Path, weights_dir, cases) -> float:
-    EXTRA[:] = [GMSModel.load(p).to(memory_format=torch.channels_last) for p in extra]
-    return plain_pass_dice(first, root, weights_dir, cases)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", help="the data set the models were trained on")
@@ -59,9 +54,11 @@ def main() -> None:
     cases = validation_cases(json.loads((models[0] / "card.json").read_text()), root)
     print(f"{len(cases)} validation cases of {root}; one plain pass at the model's input size")
     pipeline.SliceSegmenter.predict_latents = _ensemble_latents
+    members = [GMSModel.load(p).to(memory_format=torch.channels_last) for p in models]  # loaded once, for EXTRA
     for k in range(1, len(models) + 1):
         for combo in itertools.combinations(range(len(models)), k):
-            d = score(models[combo[0]], [models[i] for i in combo[1:]], root, a.weights_dir, cases)
+            EXTRA[:] = [members[i] for i in combo[1:]]
+            d = plain_pass_dice(models[combo[0]], root, a.weights_dir, cases)
             print(f"{d:.4f}  {' + '.join(a.models[i] for i in combo)}", flush=True)
 
 
