@@ -145,7 +145,7 @@ def cmd_train(args, rep: Reporter) -> int:
         val_fraction=args.val_fraction, max_train=args.max_train, max_val=args.max_val,
         augment_copies=args.augment_copies, epochs=args.epochs, max_minutes=args.max_minutes,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, dice_samples=args.dice_samples,
+        warmup_epochs=args.warmup_epochs, dice_samples=args.dice_samples, dice_heads=args.dice_heads,
         latent_noise=args.latent_noise, precision=args.precision, compile=args.compile, ema=args.ema,
         select_postprocess=not args.no_postprocess_select,
         seed=args.seed, split_seed=args.split_seed, val_every=args.val_every, keep_every=args.keep_every,
@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=int, default=5)
     t.add_argument("--dice-samples", type=int, default=2,
                    help="samples per batch whose decoded Dice loss is back-propagated through the decoder (0 = off)")
+    t.add_argument("--dice-heads", type=int, default=1, choices=(1, 2, 3),
+                   help="heads whose output gets the decoded Dice term, counted from the final one: 1 = the final "
+                        "head only, 3 = the three supervised heads as the paper (3x the decoder cost per step)")
     t.add_argument("--latent-noise", type=float, default=0.0)
     t.add_argument("--ema", type=float, default=0.0,
                    help="validate, select and save an exponential moving average of the weights with this decay "

@@ -5,7 +5,7 @@ Cost design for 2 CPU cores (the paper's recipe spends most of its time in the f
   the plain image), and cached on disk; training then runs on latents only;
 * the latent MSE loss (deep supervision on heads 2-4, as the reference) is computed for the whole batch, the decoded
   Dice term, which back-propagates through the frozen decoder, only for ``dice_samples`` samples of each batch on the
-  final head;
+  last ``dice_heads`` heads (1: the final head only; 3: heads 2-4, as the reference);
 * model selection on a validation part carved from the training list (never the test list), by decoded Dice;
   with ``ema`` the validated and saved weights are an exponential moving average of the trained ones (smoother than
   the last step's weights in a short, noisy schedule).
@@ -63,6 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_epochs: int = 5
     dice_samples: int = 2
+    dice_heads: int = 1  # the decoded-Dice term on the last N heads: 1 = the final head, 3 = heads 2-4 (the paper)
     latent_noise: float = 0.0
     select_postprocess: bool = True  # choose none / largest component on the validation cases at the end
     precision: str = "auto"  # auto | bf16 | fp32 (autocast of the LMM, the decoded-Dice term and the encoding of the
@@ -183,6 +184,17 @@ def soft_probs(decoded: torch.Tensor, codes: torch.Tensor, temperature: float = 
     return torch.softmax(-d / temperature, dim=1)[:, 1:]
 
 
+def decoded_dice_loss(model: GMSModel, heads: list[torch.Tensor], labels: torch.Tensor,
+                      codes: torch.Tensor) -> torch.Tensor:
+    """Decoded-Dice term of some heads' predicted (standardised) mask latents for the same samples, (B, C, h, w)
+    each, against label indices (B, H, W): decoded in one batch through the frozen foundation decoder, one soft Dice
+    loss per head, summed (the paper sums the loss over its supervised heads)."""
+    z = model.denorm_mask(torch.cat([h.float() for h in heads])).contiguous(memory_format=torch.channels_last)
+    prob = soft_probs(model.foundation.decode(z).float(), codes)
+    target = torch.stack([labels == k for k in range(1, codes.shape[0] + 1)], dim=1).float()
+    return sum(dice_loss(p, target) for p in prob.split(len(labels)))
+
+
 def per_image_dice(pred: torch.Tensor, gt: torch.Tensor, n_seg: int) -> np.ndarray:
     """pred, gt: (B, H, W) label indices -> (B,) Dice averaged over segments (both empty counts 1)."""
     out = []
@@ -233,6 +245,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
         raise GMSError(f"--ema must be 0 (off) or a decay in (0, 1), got {cfg.ema}")
     if cfg.weight_decay < 0:
         raise GMSError(f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
+    if cfg.dice_heads not in (1, 2, 3):
+        raise GMSError(f"--dice-heads must be 1 (the final head), 2 or 3 (heads 2-4, as the paper), got {cfg.dice_heads}")
     if cfg.keep_every < 0:
         raise GMSError(f"--keep-every must be 0 (off) or a number of epochs, got {cfg.keep_every}")
     base, base_ref = _init_model(cfg) if cfg.init_from else (None, None)
@@ -463,11 +477,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
                 loss = sum(F.mse_loss(o.float(), zm) for o in outs[1:])
                 if cfg.dice_samples > 0:
                     d = min(cfg.dice_samples, len(idx))
-                    z = model.denorm_mask(outs[-1][:d].float()).contiguous(memory_format=torch.channels_last)
-                    prob = soft_probs(foundation.decode(z).float(), codes_t)
-                    lab = tr_lab[idx[:d]]
-                    target = torch.stack([(lab == k) for k in range(1, n_seg + 1)], dim=1).float()
-                    loss = loss + dice_loss(prob, target)
+                    loss = loss + decoded_dice_loss(model, [o[:d] for o in outs[-cfg.dice_heads:]],
+                                                    tr_lab[idx[:d]], codes_t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
