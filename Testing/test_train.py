@@ -309,3 +309,31 @@ def test_decoded_dice_on_several_heads_matches_per_head_terms(busi_dir, shared_d
     with pytest.raises(GMSError, match="--dice-heads must be 1"):
         train(TrainConfig(data=str(busi_dir), output=str(tmp_path / "m"), dice_heads=4))
     assert not list(tmp_path.iterdir())
+
+
+def test_learning_rate_schedule_and_its_floor(busi_dir, tmp_path):
+    """Warm-up, then cosine to 0 (the paper) or to --min-lr x --lr, over the steps or a time budget, whichever ends
+    first; the floor reaches the optimiser of a real run (its checkpoint's last learning rate) and is recorded."""
+    from conftest import run_gms
+    from GMSSegmentLib.train import learning_rate
+
+    lr, warm, total = 2e-3, 10, 110
+    assert learning_rate(0, 0, lr, warm, total) == lr / warm and learning_rate(9, 0, lr, warm, total) == lr
+    assert learning_rate(10, 0, lr, warm, total) == lr
+    assert abs(learning_rate(60, 0, lr, warm, total) - lr / 2) < 1e-12  # half-way down the cosine
+    assert learning_rate(110, 0, lr, warm, total) == 0.0
+    assert learning_rate(110, 0, lr, warm, total, floor=0.25) == 0.25 * lr
+    assert abs(learning_rate(60, 0, lr, warm, total, floor=0.25) - 0.625 * lr) < 1e-12
+    assert learning_rate(20, 50.0, lr, warm, total, budget_s=100.0) == learning_rate(60, 0, lr, warm, total)
+    assert learning_rate(20, 500.0, lr, warm, total, budget_s=100.0, floor=0.1) == 0.1 * lr  # budget spent
+
+    out = tmp_path / "m"
+    p = run_gms("--threads", "2", "train", busi_dir, "-o", out, "--segments", "lesion", "--max-train", "8",
+                "--max-val", "2", "--augment-copies", "1", "--warmup-epochs", "0", "--dice-samples", "0",
+                "--epochs", "3", "--max-minutes", "1e-6", "--min-lr", "0.25", "--no-postprocess-select", check=True)
+    assert "time budget of 1e-06 min reached after epoch 1" in p.stdout
+    ckpt = torch.load(tmp_path / "m.work" / "last.pt", weights_only=True)
+    assert ckpt["opt"]["param_groups"][0]["lr"] == 0.25 * 2e-3
+    assert json.loads((out / "card.json").read_text())["training"]["config"]["min_lr"] == 0.25
+    p = run_gms("--threads", "2", "train", busi_dir, "-o", tmp_path / "bad", "--segments", "lesion", "--min-lr", "2")
+    assert p.returncode == 2 and "--min-lr must be" in p.stderr and not (tmp_path / "bad").exists()

@@ -144,7 +144,7 @@ def cmd_train(args, rep: Reporter) -> int:
         weights_dir=args.weights_dir, train_list=args.train_list, val_list=args.val_list,
         val_fraction=args.val_fraction, max_train=args.max_train, max_val=args.max_val,
         augment_copies=args.augment_copies, epochs=args.epochs, max_minutes=args.max_minutes,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, dice_samples=args.dice_samples, dice_heads=args.dice_heads,
         latent_noise=args.latent_noise, precision=args.precision, compile=args.compile, ema=args.ema,
         select_postprocess=not args.no_postprocess_select,
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--min-lr", type=float, default=0.0,
+                   help="the fraction of --lr at which the cosine schedule ends (0 = down to 0, as the paper; e.g. "
+                        "0.25 keeps the learning rate up at the end of a short schedule)")
     t.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW's decoupled weight decay (the GMS paper's 0.01 over 1000 epochs; a schedule ten times "
                         "shorter shrinks the weights ten times less with the same value)")

@@ -60,6 +60,7 @@ class TrainConfig:
     max_minutes: float | None = None
     batch_size: int = 8
     lr: float = 2e-3
+    min_lr: float = 0.0  # the cosine ends at this fraction of lr (0: at 0, as the paper)
     weight_decay: float = 0.01
     warmup_epochs: int = 5
     dice_samples: int = 2
@@ -167,6 +168,18 @@ class LatentCache:
         return c
 
 
+def learning_rate(step: int, elapsed: float, lr: float, warm: int, total_steps: int, budget_s: float | None = None,
+                  floor: float = 0.0) -> float:
+    """Linear warm-up over ``warm`` steps, then cosine from ``lr`` down to ``floor * lr`` over the remaining steps
+    or, with a time budget (seconds), over whichever ends first."""
+    if step < warm:
+        return lr * (step + 1) / warm
+    frac = (step - warm) / max(1, total_steps - warm)
+    if budget_s:
+        frac = max(frac, elapsed / budget_s)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
 def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """prob, target: (B, K, H, W) -> mean soft Dice loss over samples and classes."""
     inter = (prob * target).sum(dim=(2, 3))
@@ -245,6 +258,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
         raise GMSError(f"--ema must be 0 (off) or a decay in (0, 1), got {cfg.ema}")
     if cfg.weight_decay < 0:
         raise GMSError(f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
+    if not 0 <= cfg.min_lr <= 1:
+        raise GMSError(f"--min-lr must be a fraction of --lr in [0, 1], got {cfg.min_lr}")
     if cfg.dice_heads not in (1, 2, 3):
         raise GMSError(f"--dice-heads must be 1 (the final head), 2 or 3 (heads 2-4, as the paper), got {cfg.dice_heads}")
     if cfg.keep_every < 0:
@@ -402,14 +417,6 @@ def train(cfg: TrainConfig, events=None) -> Path:
 
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
 
-    def lr_at(step, elapsed):
-        """Linear warm-up, then cosine to 0 over the epochs or, with a time budget, over whichever ends first."""
-        if step < warm:
-            return cfg.lr * (step + 1) / warm
-        frac = (step - warm) / max(1, total_steps - warm)
-        if budget_s:
-            frac = max(frac, elapsed / budget_s)
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, frac)))
 
     ckpt = work / "last.pt"
     start_epoch, best, history = 0, -1.0, []
@@ -453,7 +460,7 @@ def train(cfg: TrainConfig, events=None) -> Path:
         for b0 in range(0, n_train, cfg.batch_size):
             idx = idx_all[b0:b0 + cfg.batch_size]
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, time.time() - t_start)
+                g["lr"] = learning_rate(step, time.time() - t_start, cfg.lr, warm, total_steps, budget_s, cfg.min_lr)
             zi = model.norm_image(tr_img[idx])
             zm = model.norm_mask(tr_mask[idx])
             if cfg.latent_noise > 0:
