@@ -3,8 +3,10 @@ carved from the training list, and the model folder has a complete card."""
 import json
 
 import numpy as np
+import pytest
 import torch
 
+from GMSSegmentLib import GMSError
 from GMSSegmentLib.model import GMSModel
 from GMSSegmentLib.train import TrainConfig, _split_names, code_image, soft_probs
 
@@ -302,9 +304,6 @@ def test_decoded_dice_on_several_heads_matches_per_head_terms(busi_dir, shared_d
     assert all(g is None for g in head_grads(1))
     assert all(g is not None and g.abs().sum() > 0 for g in head_grads(3))
     # other head counts are refused before any data is read or anything written
-    import pytest
-
-    from GMSSegmentLib import GMSError
     from GMSSegmentLib.train import train
     with pytest.raises(GMSError, match="--dice-heads must be 1"):
         train(TrainConfig(data=str(busi_dir), output=str(tmp_path / "m"), dice_heads=4))

@@ -261,7 +261,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
     if not 0 <= cfg.min_lr <= 1:
         raise GMSError(f"--min-lr must be a fraction of --lr in [0, 1], got {cfg.min_lr}")
     if cfg.dice_heads not in (1, 2, 3):
-        raise GMSError(f"--dice-heads must be 1 (the final head), 2 or 3 (heads 2-4, as the paper), got {cfg.dice_heads}")
+        raise GMSError(f"--dice-heads must be 1 (the final head), 2 or 3 (heads 2-4, as the paper), "
+                       f"got {cfg.dice_heads}")
     if cfg.keep_every < 0:
         raise GMSError(f"--keep-every must be 0 (off) or a number of epochs, got {cfg.keep_every}")
     base, base_ref = _init_model(cfg) if cfg.init_from else (None, None)
@@ -416,7 +417,6 @@ def train(cfg: TrainConfig, events=None) -> Path:
     warm = steps_per_epoch * cfg.warmup_epochs
 
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-
 
     ckpt = work / "last.pt"
     start_epoch, best, history = 0, -1.0, []
