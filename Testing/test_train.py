@@ -308,6 +308,9 @@ def test_decoded_dice_on_several_heads_matches_per_head_terms(busi_dir, shared_d
     with pytest.raises(GMSError, match="--dice-heads must be 1"):
         train(TrainConfig(data=str(busi_dir), output=str(tmp_path / "m"), dice_heads=4))
     assert not list(tmp_path.iterdir())
+    from conftest import run_gms
+    p = run_gms("train", busi_dir, "-o", tmp_path / "m", "--segments", "lesion", "--dice-heads", "0")
+    assert p.returncode == 2 and "--dice-heads must be 1" in p.stderr and not list(tmp_path.iterdir())
 
 
 def test_learning_rate_schedule_and_its_floor(busi_dir, tmp_path):

@@ -307,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=int, default=5)
     t.add_argument("--dice-samples", type=int, default=2,
                    help="samples per batch whose decoded Dice loss is back-propagated through the decoder (0 = off)")
-    t.add_argument("--dice-heads", type=int, default=1, choices=(1, 2, 3),
+    t.add_argument("--dice-heads", type=int, default=1,
                    help="heads whose output gets the decoded Dice term, counted from the final one: 1 = the final "
-                        "head only, 3 = the three supervised heads as the paper (3x the decoder cost per step)")
+                        "head only, 2, or 3 = the three supervised heads as the paper (3x the decoder cost per step)")
     t.add_argument("--latent-noise", type=float, default=0.0)
     t.add_argument("--ema", type=float, default=0.0,
                    help="validate, select and save an exponential moving average of the weights with this decay "
