@@ -1,7 +1,9 @@
 """Measures the training-cost choices of `gms train` on this machine, side by side in one run:
-seconds per training step (batch 8, 32x28x28 latents) with the decoded-Dice term on 0, 2 and 8 samples, in fp32 and in
-bf16 autocast (what `gms train --precision auto` picks on CPUs with AMX / AVX512-BF16), and the cost of encoding the
-batch's images and masks, which the latent cache removes from every epoch.
+seconds per training step (batch 8, 32x28x28 latents; the loss `gms train` computes, `train.step_loss`, on the bundled
+busi-lesion model) with the decoded-Dice term on 0, 2 and 8 samples of the final head and on 2 samples of the last 3
+heads (`--dice-heads 3`, the paper's loss), in fp32 and in bf16 autocast (what `gms train --precision auto` picks on
+CPUs with AMX / AVX512-BF16), and the cost of encoding the batch's images and masks, which the latent cache removes
+from every epoch.
 
 With --compile it adds the bf16 step with the LMM compiled by torch.compile (what `gms train --compile` runs; the
 compilation itself, minutes, is timed separately).
@@ -19,14 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
 
-from GMSSegmentLib.autoencoders import load_foundation  # noqa: E402
-from GMSSegmentLib.lmm import LatentMappingModel, LMMConfig  # noqa: E402
+from GMSSegmentLib.model import load_model  # noqa: E402
+from GMSSegmentLib.modelpaths import resolve_model_path  # noqa: E402
 from GMSSegmentLib.pipeline import cpu_has_fast_bf16, train_autocast  # noqa: E402
-from GMSSegmentLib.train import dice_loss  # noqa: E402
+from GMSSegmentLib.train import step_loss  # noqa: E402
 
 
 def main():
@@ -40,32 +41,30 @@ def main():
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    fnd = load_foundation("taef2", weights_dir=a.weights_dir).to(memory_format=torch.channels_last)
+    model = load_model(resolve_model_path("busi-lesion"), weights_dir=a.weights_dir)
+    fnd, lmm, codes = model.foundation, model.lmm, model.codes
+    fnd.to(memory_format=torch.channels_last)
     for p in fnd.parameters():
         p.requires_grad_(False)
-    lmm = LatentMappingModel(LMMConfig(latent_channels=32)).to(memory_format=torch.channels_last)
+    lmm.to(memory_format=torch.channels_last).train().requires_grad_(True)  # load_model freezes it for inference
     opt = torch.optim.AdamW(lmm.parameters(), lr=1e-4)
     s, h = a.size, a.size // 8
     zi = torch.randn(8, 32, h, h).contiguous(memory_format=torch.channels_last)
     zm = torch.randn(8, 32, h, h)
-    target = (torch.rand(8, 1, s, s) > 0.7).float()
+    labels = (torch.rand(8, s, s) > 0.7).long()
     cpu = torch.device("cpu")
     print(f"threads {torch.get_num_threads()}, input {s}x{s}, batch 8, bf16 hardware: {cpu_has_fast_bf16()}")
-    arms = [(p, d, False) for p in a.precisions for d in (0, 2, 8)]
+    arms = [(p, d, k, False) for p in a.precisions for d, k in ((0, 1), (2, 1), (8, 1), (2, 3))]
     if a.compile:
-        arms += [("bf16", 2, True)]
+        arms += [("bf16", 2, 1, True)]
         compiled = torch.compile(lmm, dynamic=False)
-    for precision, d, comp in arms:
+    for precision, d, heads, comp in arms:
         net = compiled if comp else lmm
         times = []
         for i in range(a.steps + 1):
             t0 = time.perf_counter()
             with train_autocast(cpu, precision):
-                outs = net(zi)
-                loss = sum(F.mse_loss(o.float(), zm) for o in outs[1:])
-                if d:
-                    dec = fnd.decode(outs[-1][:d].float().contiguous(memory_format=torch.channels_last)).float()
-                    loss = loss + dice_loss(dec.mean(1, keepdim=True), target[:d])
+                loss = step_loss(model, net(zi), zm, labels[:d], codes, d, heads)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -74,6 +73,8 @@ def main():
             else:
                 first = time.perf_counter() - t0
         what = f"{precision} step with decoded Dice on {d} of 8 samples"
+        if heads > 1:
+            what += f", last {heads} heads"
         if comp:
             what += f", LMM compiled (first step with the compilation: {first:.0f} s)"
         print(f"  {what}: {sum(times) / len(times):.2f} s")

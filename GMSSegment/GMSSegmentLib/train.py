@@ -208,6 +208,18 @@ def decoded_dice_loss(model: GMSModel, heads: list[torch.Tensor], labels: torch.
     return sum(dice_loss(p, target) for p in prob.split(len(labels)))
 
 
+def step_loss(model: GMSModel, outs: list[torch.Tensor], zm: torch.Tensor, labels: torch.Tensor, codes: torch.Tensor,
+              dice_samples: int, dice_heads: int = 1) -> torch.Tensor:
+    """The training loss of one batch: MSE of every supervised head's latent (heads 2-4; the first is not supervised)
+    against the standardised mask latents ``zm``, plus the decoded-Dice term of the last ``dice_heads`` heads on the
+    first ``dice_samples`` samples (0: none) against their label indices ``labels`` (B, H, W)."""
+    loss = sum(F.mse_loss(o.float(), zm) for o in outs[1:])
+    if dice_samples > 0:
+        d = min(dice_samples, len(zm))
+        loss = loss + decoded_dice_loss(model, [o[:d] for o in outs[-dice_heads:]], labels[:d], codes)
+    return loss
+
+
 def per_image_dice(pred: torch.Tensor, gt: torch.Tensor, n_seg: int) -> np.ndarray:
     """pred, gt: (B, H, W) label indices -> (B,) Dice averaged over segments (both empty counts 1)."""
     out = []
@@ -481,11 +493,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
                     compiled_ok = True
                 else:
                     outs = lmm(zi)
-                loss = sum(F.mse_loss(o.float(), zm) for o in outs[1:])
-                if cfg.dice_samples > 0:
-                    d = min(cfg.dice_samples, len(idx))
-                    loss = loss + decoded_dice_loss(model, [o[:d] for o in outs[-cfg.dice_heads:]],
-                                                    tr_lab[idx[:d]], codes_t)
+                loss = step_loss(model, outs, zm, tr_lab[idx[:cfg.dice_samples]], codes_t, cfg.dice_samples,
+                                 cfg.dice_heads)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
