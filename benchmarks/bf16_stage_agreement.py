@@ -4,7 +4,12 @@ against the fp32 loop's masks, and the loop's seconds. One plain pass (no test-t
 post-processing), the fast decoder on, as `gms benchmark` runs ours. Only meaningful on CPUs with bf16 hardware
 (AMX / AVX512-BF16); elsewhere bf16 is emulated and slow.
 
-    python benchmarks/bf16_stage_agreement.py ../shared/data/busi --model busi-lesion --images 40 --threads 2
+With --encoder-groups it adds arms with only part of TAEF2's encoder in bf16, by resolution (its 15 modules: the
+full-resolution input conv and block, then 1/2, 1/4 and 1/8 resolution), and the encoder from each resolution down,
+to find out whether a few sensitive layers cost the agreement (they could then stay in fp32).
+
+    python benchmarks/bf16_stage_agreement.py ../shared/data/busi --model busi-lesion --images 40 --threads 2 \
+        [--encoder-groups]
 """
 from __future__ import annotations
 
@@ -26,10 +31,37 @@ from GMSSegmentLib.pipeline import SliceSegmenter, segment_array  # noqa: E402
 
 ARMS = {"fp32": (), "encoder": ("encoder",), "lmm": ("lmm",), "decoder": ("decoder",),
         "all (--precision bf16)": ("encoder", "lmm", "decoder")}
+#: TAEF2 encoder modules by resolution: conv + block at 1/1, then a strided conv and 3 blocks at 1/2, 1/4, 1/8 (+ out conv)
+ENCODER_GROUPS = {"1/1": range(0, 2), "1/2": range(2, 6), "1/4": range(6, 10), "1/8": range(10, 15)}
 
 
 def _bf16(on: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+class _Bf16Module(torch.nn.Module):
+    """Runs one module under bf16 autocast and hands fp32 on, as a stage boundary of the slice loop does."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with _bf16(True):
+            return self.inner(x).float()
+
+
+@contextlib.contextmanager
+def _encoder_modules_in_bf16(encoder, indices):
+    """Temporarily wrap the encoder's modules ``indices`` (the rest stays fp32)."""
+    saved = {i: encoder[i] for i in indices}
+    for i in indices:
+        encoder[i] = _Bf16Module(saved[i])
+    try:
+        yield
+    finally:
+        for i, mod in saved.items():
+            encoder[i] = mod
 
 
 class StageSegmenter(SliceSegmenter):
@@ -51,12 +83,21 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=40, help="the first N images of the list (sorted)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weights-dir", default=None)
+    ap.add_argument("--encoder-groups", action="store_true",
+                    help="add arms with parts of the encoder in bf16 (by resolution, and from each resolution down)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = Path(args.data)
     m = load_model(resolve_model_path(args.model), weights_dir=args.weights_dir)
     names = sorted(json.loads((root / "split.json").read_text())[args.list])[: args.images]
     segs = {arm: StageSegmenter(m, stages) for arm, stages in ARMS.items()}
+    modules = {arm: () for arm in segs}  # encoder modules run in bf16 (besides the stages)
+    if args.encoder_groups:
+        for name, idx in ENCODER_GROUPS.items():
+            segs[f"encoder {name} only"], modules[f"encoder {name} only"] = StageSegmenter(m, ()), tuple(idx)
+        for name, idx in ENCODER_GROUPS.items():  # "1/1 and below" is the whole encoder module by module
+            arm = f"encoder {name} and below"
+            segs[arm], modules[arm] = StageSegmenter(m, ()), tuple(range(idx.start, len(m.foundation.encoder)))
     inter = dict.fromkeys(segs, 0)
     total = dict.fromkeys(segs, 0)
     secs = dict.fromkeys(segs, 0.0)
@@ -65,15 +106,16 @@ def main(argv=None) -> int:
         masks = {}
         for arm, seg in segs.items():
             t0 = time.perf_counter()
-            masks[arm] = segment_array(m, img, segmenter=seg, postprocess={}).astype(bool)
+            with _encoder_modules_in_bf16(m.foundation.encoder, modules[arm]):
+                masks[arm] = segment_array(m, img, segmenter=seg, postprocess={}).astype(bool)
             secs[arm] += time.perf_counter() - t0
         for arm in segs:
             inter[arm] += int((masks[arm] & masks["fp32"]).sum())
             total[arm] += int(masks[arm].sum() + masks["fp32"].sum())
     print(f"{args.model} on {len(names)} '{args.list}' images of {root}, {args.threads} thread(s), one plain pass")
-    print(f"{'bf16 stages':<24} {'Dice vs fp32':>12} {'seconds':>8}")
+    print(f"{'bf16 stages':<28} {'Dice vs fp32':>12} {'seconds':>8}")
     for arm in segs:
-        print(f"{arm:<24} {2 * inter[arm] / max(total[arm], 1):>12.5f} {secs[arm]:>8.1f}")
+        print(f"{arm:<28} {2 * inter[arm] / max(total[arm], 1):>12.5f} {secs[arm]:>8.1f}")
     return 0
 
 
