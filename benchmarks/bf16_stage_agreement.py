@@ -31,7 +31,7 @@ from GMSSegmentLib.pipeline import SliceSegmenter, segment_array  # noqa: E402
 
 ARMS = {"fp32": (), "encoder": ("encoder",), "lmm": ("lmm",), "decoder": ("decoder",),
         "all (--precision bf16)": ("encoder", "lmm", "decoder")}
-#: TAEF2 encoder modules by resolution: conv + block at 1/1, then a strided conv and 3 blocks at 1/2, 1/4, 1/8 (+ out conv)
+#: TAEF2 encoder modules by resolution: conv + block at 1/1, a strided conv + 3 blocks at 1/2, 1/4, 1/8 (+ out conv)
 ENCODER_GROUPS = {"1/1": range(0, 2), "1/2": range(2, 6), "1/4": range(6, 10), "1/8": range(10, 15)}
 
 
