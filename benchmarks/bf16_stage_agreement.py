@@ -93,11 +93,12 @@ def main(argv=None) -> int:
     segs = {arm: StageSegmenter(m, stages) for arm, stages in ARMS.items()}
     modules = {arm: () for arm in segs}  # encoder modules run in bf16 (besides the stages)
     if args.encoder_groups:
-        for name, idx in ENCODER_GROUPS.items():
-            segs[f"encoder {name} only"], modules[f"encoder {name} only"] = StageSegmenter(m, ()), tuple(idx)
-        for name, idx in ENCODER_GROUPS.items():  # "1/1 and below" is the whole encoder module by module
-            arm = f"encoder {name} and below"
-            segs[arm], modules[arm] = StageSegmenter(m, ()), tuple(range(idx.start, len(m.foundation.encoder)))
+        last = len(m.foundation.encoder)
+        groups = {f"encoder {name} only": idx for name, idx in ENCODER_GROUPS.items()}
+        # "1/1 and below" is the whole encoder, module by module
+        groups |= {f"encoder {name} and below": range(idx.start, last) for name, idx in ENCODER_GROUPS.items()}
+        for arm, idx in groups.items():
+            segs[arm], modules[arm] = StageSegmenter(m, ()), tuple(idx)
     inter = dict.fromkeys(segs, 0)
     total = dict.fromkeys(segs, 0)
     secs = dict.fromkeys(segs, 0.0)
