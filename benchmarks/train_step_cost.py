@@ -43,9 +43,7 @@ def main():
         torch.set_num_threads(a.threads)
     model = load_model(resolve_model_path("busi-lesion"), weights_dir=a.weights_dir)
     fnd, lmm, codes = model.foundation, model.lmm, model.codes
-    fnd.to(memory_format=torch.channels_last)
-    for p in fnd.parameters():
-        p.requires_grad_(False)
+    fnd.to(memory_format=torch.channels_last)  # frozen already: every foundation model is loaded frozen
     lmm.to(memory_format=torch.channels_last).train().requires_grad_(True)  # load_model freezes it for inference
     opt = torch.optim.AdamW(lmm.parameters(), lr=1e-4)
     s, h = a.size, a.size // 8
