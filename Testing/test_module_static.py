@@ -268,8 +268,9 @@ def test_extension_metadata():
     text = (REPO / "CMakeLists.txt").read_text()
     fields = dict(re.findall(r"set\((EXTENSION_\w+)\s+(.*?)\)\s*(?:#.*)?$", text, re.M))
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
-                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+                "EXTENSION_ICONURL", "EXTENSION_DEPENDS"):
         assert fields.get(key, "").strip('" '), key
+    assert "EXTENSION_SCREENSHOTURLS" in fields  # may be blank until a screenshot taken in Slicer is committed
     assert fields["EXTENSION_CATEGORY"].strip('"') == "Segmentation"
     assert "PyTorch" in fields["EXTENSION_DEPENDS"]
     assert "add_subdirectory(GMSSegment)" in text
@@ -280,12 +281,21 @@ def test_extension_metadata():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.strip().partition(" ")
             s4ext[key] = value.strip()
-    for key in ("scm", "scmurl", "depends", "homepage", "contributors", "category", "iconurl", "screenshoturls",
-                "description", "status", "enabled"):
+    for key in ("scm", "scmurl", "depends", "homepage", "contributors", "category", "iconurl", "description",
+                "status", "enabled"):
         assert s4ext.get(key), key
+    assert "screenshoturls" in s4ext  # the format allows a blank value
     assert s4ext["scm"] == "git" and s4ext["depends"] == "PyTorch" and s4ext["category"] == "Segmentation"
     assert s4ext["enabled"] in ("0", "1")
     assert s4ext["iconurl"].endswith("Resources/Icons/GMSSegment.png")
+
+    # both files name the same pictures, and every one of them served from this repository exists in it
+    cmake_urls = fields["EXTENSION_ICONURL"].strip('"').split() + fields["EXTENSION_SCREENSHOTURLS"].strip('"').split()
+    assert cmake_urls == s4ext["iconurl"].split() + s4ext["screenshoturls"].split()
+    raw = "https://raw.githubusercontent.com/gmssegment/SlicerGMSSegment/main/"
+    for url in cmake_urls:
+        if url.startswith(raw):
+            assert (REPO / url[len(raw):]).is_file(), f"{url} names a file that is not in the repository"
 
 
 # --------------------------------------------------------------------- the module script with a stand-in Slicer app
