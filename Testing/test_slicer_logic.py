@@ -367,6 +367,28 @@ def test_hippocampus_volume(scene, logic, temp_root, hippocampus_file, model, we
     assert os.listdir(temp_root) == []
 
 
+@pytest.mark.parametrize("name, inputs", [("busi-lesion", ("rgb", "gray")), ("hippocampus", ("hippocampus",))])
+def test_bundled_models_through_the_worker(scene, logic, temp_root, busi_images, hippocampus_file, weights_dir,
+                                           tmp_path, name, inputs):
+    """The shipped models on their own modality, with their cards' inference options: real lesions and hippocampi,
+    so the masks compared are not empty (the briefly trained test model finds nothing in these images). The worker's
+    imported segments equal the command line's label maps, and the command line finds every segment somewhere."""
+    model = MODULE_DIR / "Resources" / "Models" / name
+    files = {"rgb": busi_images["rgb"], "gray": busi_images["gray"], "hippocampus": hippocampus_file}
+    paths = [files[k] for k in inputs]
+    expected = cli_segment(paths, model, weights_dir, tmp_path / "cli")
+    assert {int(v) for arr in expected.values() for v in np.unique(arr)} == \
+        {0} | {s["label"] for s in card_of(model)["segments"]}
+    for path in paths:
+        if path == hippocampus_file:
+            volume = load_volume_with_slicer(scene, path)
+        else:
+            volume = L.addVolumeNodeFromFile(scene, path)
+        job = logic.segment(volume, str(model), device="cpu", weightsDir=weights_dir, timeout=JOB_TIMEOUT)
+        check_result(job, volume, model, expected[str(path)])
+    assert os.listdir(temp_root) == []
+
+
 def test_test_time_augmentation_switch_reaches_the_worker(scene, logic, busi_images, two_segment_model, weights_dir,
                                                          tmp_path):
     """The module's 'Test-time augmentation' box. On: the worker uses the card's choice (here two input sizes, as
