@@ -5,7 +5,8 @@ volume) are segmented by the engine command line running as a background worker,
 compared with what ``python -m GMSSegmentLib segment`` writes for the same input file. Also: cancel, a worker killed
 with SIGKILL, re-runs that must not touch edited segments, and a batch with broken volumes.
 
-Needs the ``tiny_model`` and ``shared_dir`` fixtures (Testing/conftest.py).
+Needs the ``tiny_model`` and ``shared_dir`` fixtures (Testing/conftest.py); one test also runs the bundled busi-lesion
+and hippocampus models, whose masks of these images are not empty.
 """
 from __future__ import annotations
 
