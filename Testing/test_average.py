@@ -36,7 +36,11 @@ def test_average_of_a_run_and_its_checkpoint(tiny_model, busi_dir, tmp_path):
         assert torch.equal(getattr(avg, k), getattr(selected, k))
     card = json.loads((out / "card.json").read_text())
     assert card["name"] == "busi-tiny-avg" and card["metrics"] == {}
-    assert "tta" not in card and "postprocess" not in card and "history" not in card["training"]
+    assert "tta" not in card and "postprocess" not in card
+    # the first ingredient's run figures (its selected epoch, history, times) do not describe the average
+    assert not set(card["training"]) & {"history", "selected_epoch", "selected_seconds", "epochs_run", "train_seconds",
+                                        "total_seconds", "stopped_early"}
+    assert card["training"]["config"] == selected.card["training"]["config"]  # what finds the validation cases
     src = card["training"]["averaged_from"]
     assert [s["kind"] for s in src] == ["model", "checkpoint"] and [s["weight"] for s in src] == [0.5, 0.5]
     assert src[1]["epoch"] == state["epoch"] == 4 and src[0]["selected_epoch"] == selected.card["training"][

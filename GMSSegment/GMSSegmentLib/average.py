@@ -8,6 +8,7 @@ statistics of the model they start from). Anything else is refused with the reas
 
 The averaged model's inference options (test-time augmentation, post-processing) and metrics belong to no one of its
 ingredients, so they are dropped from its card: choose them again on the validation cases with ``gms postprocess``.
+So are the first ingredient's run figures (selected epoch, history, times); its data, split and configuration stay.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from .weights import sha256_file
 
 # card entries that must agree between ingredients (the statistics and the LMM's tensors are checked separately)
 SHARED_KEYS = ("input_size", "normalization", "segments", "lmm", "axis", "dimension", "orientation")
+# a run's card entries about its own course and selected weights (gms train writes them), left out of an average's card
+RUN_OUTCOME_KEYS = ("selected_epoch", "selected_seconds", "epochs_run", "train_seconds", "total_seconds",
+                    "stopped_early", "history")
 
 
 def load_ingredient(source) -> tuple[GMSModel, dict]:
@@ -126,8 +130,9 @@ def average_models(sources: list, output, weights: list[float] | None = None, na
     card["metrics"] = {}
     if name:
         card["name"] = name
-    training = dict(card.get("training") or {})
-    training.pop("history", None)  # the first ingredient's run history; each ingredient keeps its own
+    # data, split and training configuration stay (the validation cases are found from them); what describes the
+    # first ingredient's own run and selected weights does not describe the average: each ingredient keeps its own
+    training = {k: v for k, v in (card.get("training") or {}).items() if k not in RUN_OUTCOME_KEYS}
     training["averaged_from"] = [{**r, "weight": round(wi, 6)} for r, wi in zip(refs, w)]
     card["training"] = training
     result.card = card
