@@ -152,7 +152,7 @@ def test_train_records_the_orientation_and_brings_volumes_into_it(hippo_dir, tmp
     card = json.loads((out / "card.json").read_text())
     pp, tta = card["postprocess"], card["tta"]
     table = pp["validation_dice"]
-    assert pp["selected_on"] == "1 validation cases" and len(table) == 2 * 2 * 6
+    assert pp["selected_on"] == "1 validation cases" and len(table) == 2 * 3 * 6  # views x size sets x post-processing
     assert {k.split("_views")[0] for k in table} == {"1", "8"}
     assert "--views 8 1" in pp["command"]
     assert {k.split("/")[1] for k in table} == {"none", "largest_component", "z_smooth_0.25",

@@ -9,7 +9,7 @@ from GMSSegmentLib.model import load_model, resolve_model_path
 from GMSSegmentLib.normalization import apply_range, intensity_range
 from GMSSegmentLib.pipeline import (Cancelled, FastDecodeSettings, SliceSegmenter, ViewCache, classify, segment_array,
                                     to_model_input)
-from GMSSegmentLib.postprocess import second_scale, tta_scales
+from GMSSegmentLib.postprocess import second_scale, tta_scale_sets, tta_scales
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +215,8 @@ def test_multiscale_tta_averages_the_decoded_images_of_two_input_sizes(busi_dir)
     to the model's size and averaged with the first before the mask is taken; the card's choice is the default,
     ``tta=1`` (gms segment --no-tta) turns it off, and sizes that the foundation model cannot take are refused."""
     assert second_scale(224) == 256 and second_scale(96) == 112 and second_scale(8) == 16
+    assert tta_scale_sets(224) == [[224], [224, 256], [224, 256, 288]]  # the sets gms postprocess tries
+    assert tta_scale_sets(96) == [[96], [96, 112], [96, 112, 128]]
     m = load_model(resolve_model_path("busi-lesion"))
     img = read_image(busi_dir / "images" / "malignant_5.png").array
     both = SliceSegmenter(m, "cpu", True, tta=1, scales=[224, 256])

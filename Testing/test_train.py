@@ -36,11 +36,11 @@ def test_card_is_complete(tiny_model_card, busi_dir):
     pp, tta = c["postprocess"], c["tta"]
     assert pp["selected_on"] == tta["selected_on"] == "6 validation cases"
     assert isinstance(pp["largest_component"], bool) and tta["views"] in (1, 2, 4)
-    assert tta["scales"] in ([224], [224, 256])
+    assert tta["scales"] in ([224], [224, 256], [224, 256, 288])
     table = pp["validation_dice"]
-    assert set(table) == {f"{v}_views{sc}/{p}" for v in (1, 2, 4) for sc in ("", "_224+256")
+    assert set(table) == {f"{v}_views{sc}/{p}" for v in (1, 2, 4) for sc in ("", "_224+256", "_224+256+288")
                           for p in ("none", "largest_component")}
-    sc = "" if tta["scales"] == [224] else "_224+256"
+    sc = "" if tta["scales"] == [224] else "_" + "+".join(map(str, tta["scales"]))
     chosen = f"{tta['views']}_views{sc}/{'largest_component' if pp['largest_component'] else 'none'}"
     assert table[chosen] == max(table.values())
     assert pp["command"].startswith("gms postprocess ") and "--model " in pp["command"]  # how to redo the choice

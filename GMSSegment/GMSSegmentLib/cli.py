@@ -261,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the model card's post-processing (largest component and, for 3D models, smoothing along the "
                         "slicing axis, where chosen on validation)")
     s.add_argument("--no-tta", action="store_true",
-                   help="skip the model card's test-time augmentation (flip views and a second input size, if "
-                        "chosen on validation; 2 to 8 times the model's work per slice)")
+                   help="skip the model card's test-time augmentation (flip views and larger input sizes, if "
+                        "chosen on validation; 2 to 16 times the model's work per slice)")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     common(s)
     s.set_defaults(func=cmd_segment)

@@ -137,13 +137,13 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
                        views=(1, 2, 4), multiscale=True, rule: str = "one-se") -> dict:
     """Choose the inference options on the model's own validation cases, by mean Dice (2D at the model's input size,
     3D at native resolution), and store the choice in its card: test-time augmentation (1, 2 or 4 flip views, or 8 views with the 90-degree rotations; the
-    model's input size alone or with ``second_scale``) and post-processing (none or largest component per segment;
+    model's input size alone or with one or two larger sizes, ``tta_scale_sets``) and post-processing (none or largest component per segment;
     for 3D models also smoothing along the slicing axis, ``Z_SMOOTH_CHOICES``). The network runs once per case, flip
     view and input size (the options share the views they have in common); the post-processing settings are all
     derived from those runs. The options are ordered by cost
     (fewer network passes, then no smoothing, then no post-processing) and ``choose_option`` takes the cheapest one
     within one paired standard error of the best mean (``rule="one-se"``), or the best mean (``rule="best"``)."""
-    from .postprocess import Z_SMOOTH_CHOICES, second_scale
+    from .postprocess import Z_SMOOTH_CHOICES, tta_scale_sets
 
     if rule not in SELECTION_RULES:  # before any work
         raise GMSError(f"unknown selection rule '{rule}' (use {' or '.join(SELECTION_RULES)})")
@@ -154,7 +154,7 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     m = load_model(model_dir, weights_dir=weights_dir, device=dev)
     names = validation_cases(m.card, root)
     size = m.input_size
-    scale_sets = [[size]] + ([[size, second_scale(size, m.foundation.downscale)]] if multiscale else [])
+    scale_sets = tta_scale_sets(size, m.foundation.downscale) if multiscale else [[size]]
     # cheapest first: the cost of a pass grows with the flip views and the pixels of every input size
     passes = sorted(((v, sc) for v in views for sc in scale_sets),
                     key=lambda o: o[0] * sum(s * s for s in o[1]))

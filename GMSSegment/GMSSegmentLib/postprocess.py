@@ -6,11 +6,13 @@
     images are flipped back and averaged before the mask is taken. The augmented training copies
     (``augment_copies`` > 1) include the same flips; a model trained without them can fail on flipped views, which its
     validation score then shows (hippocampus: 0.83 -> 0.27);
-  - scales: the slice is also segmented at a larger input size (``second_scale``: about 8/7 of the model's, 224 ->
-    256, 4 more latent cells a side; the LMM is convolutional with global attention, so it runs at any latent size),
-    the decoded image is resized to the model's size and averaged with the others (session 3's busi-lesion on its
-    validation part: 0.7841 at 224 alone, 0.7944 at 256 alone, 0.8057 for both; benchmarks/tta_scales_trial.py).
-    Absent = the model's input size only.
+  - scales: the slice is also segmented at larger input sizes (``second_scale``: about 8/7 of the model's, 224 ->
+    256, 4 more latent cells a side, and one more such step, 288; the LMM is convolutional with global attention, so
+    it runs at any latent size), each decoded image is resized to the model's size and averaged with the others
+    (session 3's busi-lesion on its validation part: 0.7841 at 224 alone, 0.7944 at 256 alone, 0.8057 for both;
+    kvasir-polyp, one view: 0.8900 at 224, 0.9010 at 288, 0.8879 at 320, 0.8915 for 224 + 256, 0.9053 for 224 + 256 +
+    288, 0.9049 with 320 as well; benchmarks/tta_scales_trial.py). ``tta_scale_sets`` lists the sets
+    ``gms postprocess`` tries. Absent = the model's input size only.
 
 ``z_smooth`` (3D models only): weight ``w`` of each neighbouring slice when the decoded images are averaged along the
 slicing axis before the labels are taken, ``[w, 1 - 2w, w]`` (0: off; 0.25: the binomial kernel; 1/3: a three-slice
@@ -78,6 +80,13 @@ def second_scale(size: int, multiple: int = 8) -> int:
     """The extra input size tried by multi-scale test-time augmentation: about 8/7 of ``size``, a multiple of the
     foundation model's downscale (224 -> 256, 96 -> 112)."""
     return max(size + multiple, int(round(size * 8 / 7 / multiple)) * multiple)
+
+
+def tta_scale_sets(size: int, multiple: int = 8) -> list[list[int]]:
+    """The input-size sets ``gms postprocess`` chooses from: the model's size alone, with ``second_scale``, and with
+    one more step of the same size up (224: [224], [224, 256], [224, 256, 288]; 96: [96], [96, 112], [96, 112, 128])."""
+    second = second_scale(size, multiple)
+    return [[size], [size, second], [size, second, 2 * second - size]]
 
 
 def tta_scales(card: dict) -> list[int]:
