@@ -136,8 +136,9 @@ def _option_key(views: int, scales, size: int, pp: str) -> str:
 def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=8, command=None,
                        views=(1, 2, 4), multiscale=True, rule: str = "one-se") -> dict:
     """Choose the inference options on the model's own validation cases, by mean Dice (2D at the model's input size,
-    3D at native resolution), and store the choice in its card: test-time augmentation (1, 2 or 4 flip views, or 8 views with the 90-degree rotations; the
-    model's input size alone or with one or two larger sizes, ``tta_scale_sets``) and post-processing (none or largest component per segment;
+    3D at native resolution), and store the choice in its card: test-time augmentation (1, 2 or 4 flip views, or 8
+    views with the 90-degree rotations; the model's input size alone or with one or two larger sizes,
+    ``tta_scale_sets``) and post-processing (none or largest component per segment;
     for 3D models also smoothing along the slicing axis, ``Z_SMOOTH_CHOICES``). The network runs once per case, flip
     view and input size (the options share the views they have in common); the post-processing settings are all
     derived from those runs. The options are ordered by cost
