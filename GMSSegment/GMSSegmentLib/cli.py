@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import GMSError, __version__
+from .allocator import keep_freed_memory
 from .reporting import Reporter
 
 
@@ -412,6 +413,7 @@ def main(argv=None) -> int:
     except ValueError:  # not the main thread
         pass
     try:
+        keep_freed_memory()
         _threads(args.threads)
         return args.func(args, rep)
     except GMSError as e:
