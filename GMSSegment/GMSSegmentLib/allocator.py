@@ -2,9 +2,10 @@
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it with
 ``munmap`` when freed. A batch of 16 images at 256 px makes activations of 100-300 MB, so every layer of every batch
-faulted its pages in anew and the kernel zeroed them: on a 2-core Xeon, encoding such batches spent 40 % of its CPU
-time in the kernel (1.4 million page faults per 3 batches of 16) and ran 2.2 times slower than with the memory kept
-(side by side: ``python benchmarks/allocator_cost.py --weights-dir ../shared/models``). ``keep_freed_memory``
+faulted its pages in anew and the kernel zeroed them: on a 2-core Xeon, encoding and decoding such a batch in bf16
+spent 40 % of its CPU time in the kernel (2.8 million page faults per 3 batches) and ran 2.37 times slower than with
+the memory kept; fp32 inference batches of 8 at 224 px ran 1.25 times slower (side by side:
+``python benchmarks/allocator_cost.py --weights-dir ../shared/models``). ``keep_freed_memory``
 switches ``mmap`` off for large blocks and lets the heap keep up to ``trim`` bytes of free memory at its top, so the
 next batch reuses the same pages.
 
