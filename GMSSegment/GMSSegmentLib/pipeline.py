@@ -50,6 +50,9 @@ class SegmentStats:
     decoded_slices: int = 0
     decoded_fraction: float = 0.0  # decoded area / full area over all slices
     seconds: float = 0.0
+    #: wall seconds per stage of the loop ("encoder", "lmm", "decoder"); measured on the CPU only (CUDA runs
+    #: asynchronously, so a stage's wall time there is not its cost)
+    stage_seconds: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 
@@ -219,11 +222,24 @@ class SliceSegmenter:
     @torch.inference_mode()
     def predict_latents(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        with self._autocast("encoder"):
+        with self._autocast("encoder"), self._timed("encoder"):
             z = m.foundation.encode(x)
-        with self._autocast("lmm"):
+        with self._autocast("lmm"), self._timed("lmm"):
             out = m.lmm(m.norm_image(z.float()), final_only=True)
         return m.denorm_mask(out.float())
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        """Adds the wall seconds of the block to ``stats.stage_seconds[stage]`` (CPU only)."""
+        if self.device.type != "cpu":
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            st = self.stats.stage_seconds
+            st[stage] = st.get(stage, 0.0) + time.perf_counter() - t0
 
     def _autocast(self, stage: str):
         """The autocast context of one stage of the loop ("encoder", "lmm" or "decoder"): the same for all three
@@ -234,7 +250,7 @@ class SliceSegmenter:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Predicted mask latents -> decoded images (B, 3, S, S) in [0, 1]."""
         fnd = self.model.foundation
-        with self._autocast("decoder"):
+        with self._autocast("decoder"), self._timed("decoder"):
             if not (self.fast.enabled and hasattr(fnd, "decode_global")):
                 self.stats.decoded_slices += z.shape[0]
                 self.stats.decoded_fraction += z.shape[0]

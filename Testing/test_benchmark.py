@@ -1,0 +1,26 @@
+"""``gms benchmark`` end to end on a small stack of real BUSI images: both loops run in child processes, the figures
+and the per-stage seconds are printed, and the speed-up ceiling follows from them."""
+import re
+
+from conftest import run_gms
+
+
+def test_benchmark_prints_stages_agreement_and_ceiling(busi_dir):
+    p = run_gms("--threads", "2", "benchmark", "--model", "busi-lesion", "--stack", busi_dir, "--size", "128", "128",
+                "6", "--batch-size", "4", check=True)
+    out = p.stdout
+    loops = dict(re.findall(r"^\s+(ours|reference)\s+6 slices in ([\d.]+) s", out, re.M))
+    assert set(loops) == {"ours", "reference"}, out
+    # the middle third holds two test lesions: at least those slices have foreground, in both loops
+    fg = [int(n) for n in re.findall(r"(\d+) slices with foreground", out)]
+    assert len(fg) == 2 and all(2 <= n <= 6 for n in fg), out
+    stages = re.findall(r"stages: encoder ([\d.]+) s, lmm ([\d.]+) s, decoder ([\d.]+) s; the rest (-?[\d.]+) s", out)
+    assert len(stages) == 2, out
+    for (enc, lmm, dec, rest), loop in zip(stages, ("reference", "ours")):
+        assert float(enc) > 0 and float(dec) > 0 and float(rest) >= 0
+        assert float(enc) + float(lmm) + float(dec) <= float(loops[loop]) + 0.05
+    agree = re.search(r"Dice agreement per label \{\"1\": ([\d.]+)\}", out)
+    assert agree and float(agree.group(1)) > 0.99, out
+    speed = float(re.search(r"speed-up ([\d.]+)x", out).group(1))
+    ceiling = float(re.search(r"encoder seconds = ([\d.]+)x", out).group(1))
+    assert ceiling >= speed  # ours takes at least its encoder's time
