@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
 
+from GMSSegmentLib.allocator import keep_freed_memory  # noqa: E402
 from GMSSegmentLib.data import find_image  # noqa: E402
 from GMSSegmentLib.imageio import read_image  # noqa: E402
 from GMSSegmentLib.model import load_model, resolve_model_path  # noqa: E402
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder-groups", action="store_true",
                     help="add arms with parts of the encoder in bf16 (by resolution, and from each resolution down)")
     args = ap.parse_args(argv)
+    keep_freed_memory()  # the allocator tuning every gms command applies at start-up
     torch.set_num_threads(args.threads)
     root = Path(args.data)
     m = load_model(resolve_model_path(args.model), weights_dir=args.weights_dir)

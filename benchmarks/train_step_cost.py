@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
 
+from GMSSegmentLib.allocator import keep_freed_memory  # noqa: E402
 from GMSSegmentLib.model import load_model  # noqa: E402
 from GMSSegmentLib.modelpaths import resolve_model_path  # noqa: E402
 from GMSSegmentLib.pipeline import cpu_has_fast_bf16, train_autocast  # noqa: E402
@@ -39,6 +40,7 @@ def main():
     ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: all cores)")
     a = ap.parse_args()
+    keep_freed_memory()  # the allocator tuning every gms command applies at start-up
     if a.threads:
         torch.set_num_threads(a.threads)
     model = load_model(resolve_model_path("busi-lesion"), weights_dir=a.weights_dir)
