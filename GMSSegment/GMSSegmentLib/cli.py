@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "latent statistics, input size and normalisation are the starting point, which is validated "
                    "first and kept unless training beats it on the validation cases (a smaller --lr, e.g. 5e-4, "
                    "suits short adaptations to the same task; from another task's model keep the default, "
-                   "see Resources/Models/README.md)")
+                   "see Resources/Models/EXPERIMENTS.md)")
     t.add_argument("--label-values", nargs="+", type=int, default=None,
                    help="mask values of the segments (2D default 255; 3D default 1..n)")
     t.add_argument("--input-size", type=int, default=None,
