@@ -18,7 +18,8 @@ def test_benchmark_prints_stages_agreement_and_ceiling(busi_dir):
     assert len(stages) == 2, out
     for (enc, lmm, dec, rest), loop in zip(stages, ("reference", "ours")):
         assert float(enc) > 0 and float(dec) > 0 and float(rest) >= 0
-        assert float(enc) + float(lmm) + float(dec) <= float(loops[loop]) + 0.05
+        # four figures printed to 0.1 s, each off by up to 0.05 s (0.7 + 0.2 + 0.8 against 1.6 has happened)
+        assert float(enc) + float(lmm) + float(dec) <= float(loops[loop]) + 0.2 + 1e-9
     agree = re.search(r"Dice agreement per label \{\"1\": ([\d.]+)\}", out)
     assert agree and float(agree.group(1)) > 0.99, out
     speed = float(re.search(r"speed-up ([\d.]+)x", out).group(1))
