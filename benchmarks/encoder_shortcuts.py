@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
 
 from GMSSegmentLib.allocator import keep_freed_memory  # noqa: E402
+from GMSSegmentLib.benchmark import stack_slice  # noqa: E402
 from GMSSegmentLib.data import find_image  # noqa: E402
 from GMSSegmentLib.model import load_model, resolve_model_path  # noqa: E402
 from GMSSegmentLib.normalization import apply_range, intensity_range  # noqa: E402
@@ -36,16 +37,11 @@ THRESHOLDS = (0.1, 0.2, 0.3)
 
 
 def _slices(model, root: Path, names: list[str]) -> np.ndarray:
-    """The images as the benchmark stack holds them (grey, 512x512) and normalised as inference normalises them:
-    (N, 512, 512) in [0, 1]."""
-    from PIL import Image
-
-    out = []
-    for n in names:
-        arr = np.asarray(Image.open(find_image(root, n)).convert("L").resize((512, 512), Image.BILINEAR))[None]
-        lo, hi = intensity_range(arr, model.card.get("normalization", {"mode": "photo"}))
-        out.append(apply_range(arr, lo, hi)[0])
-    return np.stack(out)
+    """The images as the benchmark stack holds them (grey, 512x512), normalised as inference normalises a volume
+    (one intensity range for the whole stack): (N, 512, 512) in [0, 1]."""
+    stack = np.stack([stack_slice(find_image(root, n), 512, 512) for n in names])
+    lo, hi = intensity_range(stack, model.card.get("normalization", {"mode": "photo"}))
+    return apply_range(stack, lo, hi)
 
 
 def _time(fn, x, repeats: int):

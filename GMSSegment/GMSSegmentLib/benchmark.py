@@ -56,9 +56,15 @@ def make_volume(sample: str, size, dest: Path) -> Path:
     return dest
 
 
+def stack_slice(path: Path, x: int, y: int) -> np.ndarray:
+    """One BUSI image as ``make_stack`` puts it into the benchmark stack: grey, resized bilinearly to x by y (uint8)."""
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("L").resize((x, y), Image.BILINEAR))
+
+
 def make_stack(busi_dir: str, size, dest: Path) -> Path:
     import SimpleITK as sitk
-    from PIL import Image
 
     root = Path(busi_dir)
     split = json.loads((root / "split.json").read_text())
@@ -70,7 +76,7 @@ def make_stack(busi_dir: str, size, dest: Path) -> Path:
         raise SystemExit(f"not enough BUSI images for {z} slices")
     vol = np.zeros((z, y, x), np.uint8)
     for k, n in enumerate(names[:z]):
-        vol[k] = np.asarray(Image.open(root / "images" / f"{n}.png").convert("L").resize((x, y), Image.BILINEAR))
+        vol[k] = stack_slice(root / "images" / f"{n}.png", x, y)
     sitk.WriteImage(sitk.GetImageFromArray(vol), str(dest))
     return dest
 
