@@ -3,7 +3,7 @@ scored on a list (default: the test list) by one plain pass at the model's input
 --resolution model --no-tta --no-postprocess`` scores it (the GMS paper's protocol: per-image DSC / IoU at 224x224),
 beside the validation Dice the run selected on. Prints the test figure of the snapshot that validation selected,
 the best test figure over all snapshots (what the paper's selection on the test set reports), their paired difference
-with its standard error, and writes the per-epoch table as CSV.
+per segment with its standard error (as ``benchmarks/paired_difference.py`` prints it), and writes the per-epoch table as CSV.
 
 This measures the optimism of a selection protocol; nothing here chooses or ships weights.
 
@@ -22,13 +22,12 @@ import tempfile
 from contextlib import redirect_stdout
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
 
 from GMSSegmentLib.allocator import keep_freed_memory  # noqa: E402
 from GMSSegmentLib.average import load_ingredient  # noqa: E402
 from GMSSegmentLib.evaluate import evaluate  # noqa: E402
+from paired_difference import describe, differences, read  # noqa: E402  (beside this script)
 
 
 def snapshots(run: Path, every: int, from_epoch: int, selected: int | None) -> list[tuple[int, Path]]:
@@ -45,19 +44,15 @@ def snapshots(run: Path, every: int, from_epoch: int, selected: int | None) -> l
     return sorted(chosen)
 
 
-def per_case(folder: Path, root: Path, list_name: str, weights_dir, limit=None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-case DSC and IoU of one plain pass at the model's input size (the evaluate protocol)."""
-    with tempfile.TemporaryDirectory() as td, redirect_stdout(io.StringIO()):
-        csv_path = Path(td) / "cases.csv"
-        evaluate(folder, root, list_name=list_name, resolution="model", weights_dir=weights_dir, device="cpu",
+def score(folder: Path, root: Path, list_name: str, weights_dir, csv_path: Path, limit=None) -> dict:
+    """Mean DSC and IoU of one plain pass at the model's input size (the evaluate protocol; mean over segments), the
+    per-case figures written to ``csv_path``."""
+    with redirect_stdout(io.StringIO()):  # evaluate prints its table; the means are wanted here
+        s = evaluate(folder, root, list_name=list_name, resolution="model", weights_dir=weights_dir, device="cpu",
                      tta=False, postprocess=False, csv_path=str(csv_path), limit=limit)
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    # one row per case and segment: average over segments per case (binary models: one row per case)
-    cases = sorted({r["case"] for r in rows})
-    dsc = np.array([np.mean([float(r["dice"]) for r in rows if r["case"] == c]) for c in cases])
-    iou = np.array([np.mean([float(r["iou"]) for r in rows if r["case"] == c]) for c in cases])
-    return dsc, iou
+    if "mean" not in s:  # one segment
+        s = {"mean": next(iter(s.values()))}
+    return {"dsc": s["mean"]["dice_mean"], "iou": s["mean"]["iou_mean"]}
 
 
 def main() -> None:
@@ -86,36 +81,37 @@ def main() -> None:
     print(f"{len(snaps)} snapshots of {run} scored on the '{a.list}' list of {root}: one plain pass at "
           f"{card['input_size']} px; the run selected epoch {selected} on validation")
     print(f"{'epoch':>6}{'val Dice':>10}{'DSC %':>9}{'IoU %':>9}", flush=True)
-    table, per = [], {}
+    table = {}
     with tempfile.TemporaryDirectory(prefix="gms-selection-") as td:
+        cases = lambda e: Path(td) / f"epoch-{e:04d}.csv"  # noqa: E731  per-case figures of each snapshot
         for epoch, path in snaps:
             model, _ = load_ingredient(path)
             folder = model.save(Path(td) / f"epoch-{epoch:04d}")
-            dsc, iou = per_case(folder, root, a.list, a.weights_dir, a.limit)
-            per[epoch] = (dsc, iou)
             val = history.get(epoch)
-            table.append({"epoch": epoch, "val_dice": val, "dsc": float(dsc.mean()), "iou": float(iou.mean())})
-            print(f"{epoch:>6}{'' if val is None else f'{val:.4f}':>10}{100 * dsc.mean():9.2f}{100 * iou.mean():9.2f}",
+            table[epoch] = {"epoch": epoch, "val_dice": val,
+                            **score(folder, root, a.list, a.weights_dir, cases(epoch), a.limit)}
+            r = table[epoch]
+            print(f"{epoch:>6}{'' if val is None else f'{val:.4f}':>10}{100 * r['dsc']:9.2f}{100 * r['iou']:9.2f}",
                   flush=True)
-    if a.csv:
-        with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(table[0]))
-            w.writeheader()
-            w.writerows(table)
-        print(f"per-epoch table written to {a.csv}")
-    best = max(table, key=lambda r: r["dsc"])
-    print(f"best on the '{a.list}' list (the paper's selection): epoch {best['epoch']}, DSC {100 * best['dsc']:.2f} / "
-          f"IoU {100 * best['iou']:.2f} (its validation Dice {best['val_dice']})")
-    if selected in per:
-        d_sel, j_sel = per[selected]
-        d_best, j_best = per[best["epoch"]]
-        diff = d_best - d_sel
-        se = diff.std(ddof=1) / np.sqrt(len(diff))
-        print(f"selected on validation: epoch {selected}, DSC {100 * d_sel.mean():.2f} / IoU {100 * j_sel.mean():.2f}")
-        print(f"optimism of selecting on '{a.list}': DSC {100 * diff.mean():+.2f} +- {100 * se:.2f} (paired standard "
-              f"error), IoU {100 * (j_best - j_sel).mean():+.2f}")
-    else:
-        print(f"the selected epoch {selected} has no kept snapshot among those scored (--every, --from-epoch)")
+        if a.csv:
+            with open(a.csv, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["epoch", "val_dice", "dsc", "iou"])
+                w.writeheader()
+                w.writerows(table.values())
+            print(f"per-epoch table written to {a.csv}")
+        best = max(table.values(), key=lambda r: r["dsc"])
+        print(f"best on the '{a.list}' list (the paper's selection): epoch {best['epoch']}, DSC "
+              f"{100 * best['dsc']:.2f} / IoU {100 * best['iou']:.2f} (its validation Dice {best['val_dice']})")
+        if selected not in table:
+            print(f"the selected epoch {selected} has no kept snapshot among those scored (--every, --from-epoch)")
+            return
+        sel = table[selected]
+        print(f"selected on validation: epoch {selected}, DSC {100 * sel['dsc']:.2f} / IoU {100 * sel['iou']:.2f}")
+        first, second = read(str(cases(selected))), read(str(cases(best["epoch"])))
+        for seg in sorted({s for _, s in first}):
+            for m in ("dice", "iou"):
+                print(f"optimism of selecting on '{a.list}', {seg} {m}: "
+                      f"{describe(differences(first, second, seg, m))}")
 
 
 if __name__ == "__main__":

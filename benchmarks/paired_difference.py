@@ -18,6 +18,19 @@ def read(path: str) -> dict[tuple[str, str], dict]:
         return {(r["case"], r["segment"]): r for r in csv.DictReader(f)}
 
 
+def differences(first: dict, second: dict, segment: str, metric: str) -> np.ndarray:
+    """Per-case differences of one segment's metric, second minus first, in % (cases in sorted order)."""
+    keys = sorted(k for k in first if k[1] == segment)
+    return 100 * np.array([float(second[k][metric]) - float(first[k][metric]) for k in keys])
+
+
+def describe(d: np.ndarray) -> str:
+    """Mean of paired differences with its standard error, and how many cases got better / worse."""
+    se = d.std(ddof=1) / math.sqrt(d.size) if d.size > 1 else 0.0
+    return (f"{d.size} cases, mean difference {d.mean():+.2f} ± {se:.2f} (standard error), "
+            f"{int((d > 0).sum())} better, {int((d < 0).sum())} worse")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("first", help="per-case CSV of the reference (gms evaluate --csv)")
@@ -28,12 +41,8 @@ def main() -> None:
     if set(first) != set(second):
         raise SystemExit(f"the two files hold different cases ({len(set(first) ^ set(second))} differ)")
     for seg in sorted({s for _, s in first}):
-        keys = sorted(k for k in first if k[1] == seg)
         for m in a.metrics:
-            d = 100 * np.array([float(second[k][m]) - float(first[k][m]) for k in keys])
-            se = d.std(ddof=1) / math.sqrt(d.size) if d.size > 1 else 0.0
-            print(f"{seg} {m}: {d.size} cases, mean difference {d.mean():+.2f} ± {se:.2f} (standard error), "
-                  f"{int((d > 0).sum())} better, {int((d < 0).sum())} worse")
+            print(f"{seg} {m}: {describe(differences(first, second, seg, m))}")
 
 
 if __name__ == "__main__":
