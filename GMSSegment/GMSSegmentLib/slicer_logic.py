@@ -1898,9 +1898,11 @@ class SegmentationLogic:
                 target = scene.AddNewNodeByClass(
                     "vtkMRMLSegmentationNode", _unusedNodeName(scene, f"{volumeNode.GetName()} GMS segmentation"))
                 target.CreateDefaultDisplayNodes()
-                target.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+                # the transform first: the reference geometry is computed relative to the node's own parent
+                # transform, so set before it the volume's transform would be folded in and then applied again
                 if volumeNode.GetTransformNodeID():
                     target.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+                target.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
             else:
                 seg = target.GetSegmentation()
                 if not seg.GetConversionParameter("Reference image geometry"):
