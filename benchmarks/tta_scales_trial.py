@@ -2,7 +2,7 @@
 (decoded images resized to the model's size and averaged before the mask is taken, full decoding), with and without
 the largest-component post-processing. Validation cases only (the ones the model was selected on), never test.
 This trial settled the option set that `gms postprocess` chooses from (the model's size, that plus ~8/7, and one more
-such step: 224, 256, 288; the third since session 25, from kvasir-polyp's figures).
+such step: 224, 256, 288; the third since 171522f, 2026-12-05, from kvasir-polyp's figures).
 
     python benchmarks/tta_scales_trial.py ../shared/data/busi --model busi-lesion --sizes 224 192 256 288
 """
