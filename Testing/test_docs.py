@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "Resources" / "Models").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "Resources" / "Models").glob("*.md")), *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -51,3 +51,11 @@ def test_local_links_resolve(page):
         elif anchor and path.suffix == ".md" and anchor not in anchors(path):
             bad.append(f"{target}: no heading with anchor #{anchor} in {path.relative_to(ROOT)}")
     assert not bad, f"{page.relative_to(ROOT)}:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_pages_name_commits_not_sessions(page):
+    """Figures are dated or named by commit ("2026-12-05, 37547c8"), never by the work session that produced them."""
+    found = [f"{n}: {line.strip()[:100]}" for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
+             if re.search(r"\b(sessions?[ -]\d|this session|the session's)", line, re.IGNORECASE)]
+    assert not found, f"{page.relative_to(ROOT)} speaks of sessions:\n" + "\n".join(found)
