@@ -72,7 +72,9 @@ def cmd_segment(args, rep: Reporter) -> int:
         else:
             out = args.output or str(default_output(args.inputs[0], None, args.format))
             jobs = [{"input": args.inputs[0], "output": out}]
-    for j in jobs:  # check output names before any work
+    for j in jobs:  # check names before any work (an empty input: the command that should have named it failed)
+        if not j["input"].strip():
+            raise GMSError("the input file name is empty")
         output_format(j["output"])
         if Path(j["output"]).exists() and not args.overwrite:
             raise GMSError(f"output {j['output']} exists; use --overwrite to replace it")

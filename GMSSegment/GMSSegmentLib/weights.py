@@ -23,7 +23,8 @@ temporary file is removed and a :class:`GMSError` with a one-line message is rai
 Overriding where files come from (tests, mirrors, air-gapped sites):
 
 * ``urls={"taef2_encoder.pth": "http://..."}`` argument of :func:`resolve_weights` (per file), or
-* environment variable ``GMS_DOWNLOAD_BASE_URL``: every pinned file is fetched from ``<base>/<file name>``.
+* environment variable ``GMS_DOWNLOAD_BASE_URL``: every pinned file is fetched from ``<base>/<file name>`` (the
+  sample images of samples.py too, by their cached file name).
 
 The hashes stay pinned whatever the URL. ``GMS_OFFLINE=1`` (or ``allow_download=False``) turns a needed download into
 an error instead.
@@ -155,7 +156,8 @@ def cache_dir(name: str) -> Path:
     return cache_root() / name
 
 
-def _file_url(pinned: PinnedFile, urls: Mapping[str, str] | None) -> str:
+def download_url(pinned: PinnedFile, urls: Mapping[str, str] | None = None) -> str:
+    """Where ``pinned`` is downloaded from: ``urls[name]``, else ``$GMS_DOWNLOAD_BASE_URL/<name>``, else its pin."""
     if urls and pinned.name in urls:
         return urls[pinned.name]
     base = os.environ.get(ENV_BASE_URL)
@@ -203,7 +205,8 @@ def shared_dir() -> Path | None:
     return None
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """Whether ``GMS_OFFLINE`` turns downloads off."""
     return os.environ.get(ENV_OFFLINE, "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -237,14 +240,14 @@ def resolve_weights(name: str, weights_dir: str | Path | None = None, progress: 
             path.unlink()
         if not path.is_file():
             todo.append(pinned)
-    if todo and (not allow_download or _offline()):
+    if todo and (not allow_download or offline()):
         raise GMSError(f"{name} weights not in the cache {folder} ({', '.join(p.name for p in todo)} missing) and "
                        f"downloads are disabled; use --weights-dir or {ENV_WEIGHTS_DIR} to point at a folder holding "
                        f"them")
     created = todo and not folder.exists()
     try:
         for pinned in todo:
-            download_file(_file_url(pinned, urls), folder / pinned.name, pinned.sha256, progress, size=pinned.size)
+            download_file(download_url(pinned, urls), folder / pinned.name, pinned.sha256, progress, size=pinned.size)
     except BaseException:
         if created:  # leave no empty cache folder behind
             try:
