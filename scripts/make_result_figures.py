@@ -261,7 +261,7 @@ def figure_3d(source: Path, output: Path, segments: list[dict], reference_path: 
         panels.append((letters(panel, *lt), f"{name}, slice {k + 1} of {image.shape[axis]}"))
     height = max(p.size[1] for p, _ in panels)
     render = render_surface(labels, spacing, segments, np.array([1.0, -0.35, 0.45]), height)
-    panels.append((render, "3D label map, seen from the left"))
+    panels.append((render, "3D label map, from front left above"))
     notes = dice_notes(labels, reference, segments, {v: v for v in values})
     shape = " x ".join(str(n) for n in image.shape[::-1])
     return compose(panels, f"hippocampus model on MSD Task04 {source.name.split('.')[0]} ({shape} voxels)",
