@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -691,6 +692,14 @@ FAKE_WORKER = textwrap.dedent('''
         emit(event="start", total=1)
         emit(event="result", path=out, segments=[{"name": "bright", "label": 1, "color": [1, 0, 0]}])
         sys.exit(0)
+    if mode == "sleep":  # busy until ended; with FAKE_IGNORE_TERM it ignores SIGTERM, so only SIGKILL ends it
+        import signal
+        if os.environ.get("FAKE_IGNORE_TERM"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with open(os.environ["FAKE_PIDFILE"], "w") as f:
+            f.write(str(os.getpid()))
+        emit(event="start", total=100)
+        time.sleep(60)
     if mode == "grandchild":  # a child process that would outlive the worker unless the whole group is ended
         import subprocess
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -713,6 +722,33 @@ def fake_logic(scene, temp_root, tmp_path, monkeypatch):
     lg.pythonExecutable = str(wrapper)
     yield lg
     lg.shutdown()
+
+
+# CTK's AppLauncher (PythonSlicer) as far as exit codes go: Base/ctkAppLauncher.cpp, applicationFinished(), in
+# AppLauncher v0.1.31-v0.1.34 (Slicer 5.8 to main): the program's own exit code after a normal exit; after a crash exit
+# (ended by a signal) one stderr line and EXIT_FAILURE
+FAKE_LAUNCHER = textwrap.dedent('''
+    import subprocess, sys
+    rc = subprocess.call(sys.argv[1:])
+    if rc < 0:
+        print(f"error: [{sys.argv[1]}] exit abnormally - Report the problem.", file=sys.stderr, flush=True)
+        sys.exit(1)
+    sys.exit(rc)
+''')
+
+
+@pytest.fixture
+def launcher_logic(fake_logic, tmp_path):
+    """``fake_logic`` whose worker runs through a stand-in of Slicer's PythonSlicer launcher (a parent process that
+    reports its child's end as the launcher does)."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(FAKE_LAUNCHER)
+    wrapper = tmp_path / "PythonSlicer"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {launcher} {sys.executable} {tmp_path / 'fake_worker.py'} "
+                       f"\"$@\"\n")
+    wrapper.chmod(0o755)
+    fake_logic.pythonExecutable = str(wrapper)
+    return fake_logic
 
 
 @pytest.fixture
@@ -841,6 +877,84 @@ def _numpy(matrix) -> np.ndarray:
     return np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
 
 
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_worker_killed_behind_the_launcher_tells_of_memory(scene, launcher_logic, temp_root, small_volume, card_model,
+                                                           tmp_path, monkeypatch):
+    """In Slicer the worker runs behind the PythonSlicer launcher, so the job's process is the launcher, which exits
+    with 1 when the real worker is killed: the job still tells the user it was killed, and that memory may be why."""
+    pidfile = tmp_path / "worker.pid"
+    monkeypatch.setenv("FAKE_MODE", "sleep")
+    monkeypatch.setenv("FAKE_PIDFILE", str(pidfile))
+    before = scene_state(scene)
+    job = launcher_logic.start(small_volume, str(card_model))
+    assert wait_until(lambda: pidfile.is_file() and pidfile.read_text().strip(), 30, job)
+    worker = int(pidfile.read_text())
+    assert worker != job.pid and worker in _live_group_members(job.pid)  # the real worker is the launcher's child
+    os.kill(worker, signal.SIGKILL)  # what the kernel's out-of-memory killer does
+    assert job.wait(30) == L.JobState.FAILED
+    assert job.returnCode == 1
+    assert "out of memory" in job.errorMessage and "killed" in job.errorMessage, job.errorMessage
+    assert job.errorMessage in job.statusText
+    assert scene_state(scene) == before
+    assert os.listdir(temp_root) == []
+
+    # an ordinary failure behind the launcher (exit code 1, no report of a crash) does not claim a kill
+    monkeypatch.setenv("FAKE_MODE", "crash")
+    job = launcher_logic.segment(small_volume, str(card_model), timeout=60)
+    assert job.state == L.JobState.FAILED and job.returnCode == 1
+    assert "exit code 1" in job.errorMessage and "out of memory" not in job.errorMessage
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_cancel_and_shutdown_never_wait_for_the_worker_to_end(scene, fake_logic, temp_root, small_volume, card_model,
+                                                              tmp_path, monkeypatch):
+    """Ending a worker can take seconds (on Windows ``taskkill`` has a 5 s timeout; a worker that ignores SIGTERM
+    needs the SIGKILL after the grace): cancel and shutdown, which the GUI calls, return at once and the whole tree
+    ends from a thread. Here each signalling is made as slow as a taskkill may be, and the worker ignores SIGTERM."""
+    from GMSSegmentLib import workerprocess
+
+    signalling = []
+    original = workerprocess.WorkerProcess.signalTree
+
+    def slowSignalTree(self, kill):
+        signalling.append(threading.current_thread())
+        time.sleep(0.5)
+        original(self, kill)
+
+    monkeypatch.setattr(workerprocess.WorkerProcess, "signalTree", slowSignalTree)
+    pidfile = tmp_path / "worker.pid"
+    monkeypatch.setenv("FAKE_MODE", "sleep")
+    monkeypatch.setenv("FAKE_IGNORE_TERM", "1")
+    monkeypatch.setenv("FAKE_PIDFILE", str(pidfile))
+    before = scene_state(scene)
+
+    job = fake_logic.start(small_volume, str(card_model))
+    assert wait_until(lambda: pidfile.is_file() and pidfile.read_text().strip(), 30, job)
+    t0 = time.monotonic()
+    job.cancel()
+    assert time.monotonic() - t0 < 0.1
+    assert job.running and job.statusText == "Cancelling..."
+    assert wait_until(lambda: job.finished, 10, job)
+    assert job.state == L.JobState.CANCELLED
+    assert signalling and threading.main_thread() not in signalling
+    assert_process_group_gone(job.pid)
+    assert os.listdir(temp_root) == [] and scene_state(scene) == before
+
+    # shutdown (module cleanup, application exit): returns at once with every job settled; the tree and the temporary
+    # folder go in the background
+    pidfile.unlink()
+    signalling.clear()
+    job = fake_logic.start(small_volume, str(card_model))
+    assert wait_until(lambda: pidfile.is_file() and pidfile.read_text().strip(), 30, job)
+    t0 = time.monotonic()
+    fake_logic.shutdown()
+    assert time.monotonic() - t0 < 0.1
+    assert job.state == L.JobState.CANCELLED and not fake_logic.running
+    assert wait_until(lambda: not _live_group_members(job.pid) and not os.listdir(temp_root), 10)
+    assert signalling and threading.main_thread() not in signalling
+    assert scene_state(scene) == before
+
+
 # ---------------------------------------------------------------------------------------- pieces without a worker
 
 
@@ -913,6 +1027,16 @@ def test_requirements_and_environment(tiny_model):
     assert L.missingRequirements(["numpy>=999", "surely-not-installed-gms>=1"]) == [
         "numpy>=999", "surely-not-installed-gms>=1"]
     assert "torch>=2.1" in L.requirementsForModel(str(tiny_model))
+    assert not any(r.startswith("tqdm") for r in L.requirementsForModel(str(tiny_model)))  # the worker never uses it
+    # what installing takes, in this Python: torch is installed here, so an older minimum needs nothing and a newer
+    # one is "too old" (to be upgraded by the user in PyTorch Utils, never installed over)
+    from GMSSegmentLib import dependencies as D
+    plan = D.installPlan(["torch>=2.1", "numpy>=1.0", "surely-not-installed-gms>=1"])
+    assert (plan.torch, plan.torchTooOld, plan.pip, plan.complete) == (None, None, ["surely-not-installed-gms>=1"],
+                                                                       False)
+    plan = D.installPlan(["torch>=999", "numpy>=1.0"])
+    assert plan.torch is None and plan.torchTooOld == D.installedVersion("torch") and not plan.pip
+    assert D.installPlan(L.requirementsForModel(str(tiny_model))).complete  # this Python runs the worker
     env = L.workerEnvironment("/some/weights")
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(MODULE_DIR)
     assert env["GMS_WEIGHTS_DIR"] == "/some/weights"
@@ -921,6 +1045,73 @@ def test_requirements_and_environment(tiny_model):
     name = Path(tiny_model).name
     assert L.resolveModel(str(tiny_model)) == os.path.abspath(tiny_model)
     assert (name, os.path.abspath(tiny_model)) in L.findModels([str(Path(tiny_model).parent)])
+
+
+def test_worker_environment_carries_the_engine_settings_of_this_process(card_model, tmp_path, monkeypatch):
+    """In Slicer the worker's environment is built from Slicer's startup environment, which lacks what was set in
+    ``os.environ`` since (the module adds the user models folder to ``GMS_MODELS_DIR`` when it starts): every
+    ``GMS_*`` variable of this process reaches the worker, which then finds a model there by name."""
+    models = tmp_path / "user-models"
+    shutil.copytree(card_model, models / "my-adapted")
+    monkeypatch.setenv("GMS_MODELS_DIR", str(models))
+    startup = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}  # a startup environment without it
+    env = L.workerEnvironment(base=startup)
+    assert env["GMS_MODELS_DIR"] == str(models)
+    code = "from GMSSegmentLib import modelpaths; print(modelpaths.resolve_model_path('my-adapted'))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == (models / "my-adapted").resolve()
+    # the weights folder chosen in the module wins over a GMS_WEIGHTS_DIR of this process
+    assert L.workerEnvironment("/chosen/weights", base=startup)["GMS_WEIGHTS_DIR"] == "/chosen/weights"
+
+
+def test_json_workers_never_import_tqdm(shared_dir, busi_dir, tmp_path):
+    """Slicer's Python is not asked for tqdm: the workers (``--progress json``) report everything, a first download
+    of the foundation weights included, as JSON lines. Both workers run here with ``import tqdm`` failing, the weights
+    served from a loopback HTTP server into an empty cache (the pinned SHA-256 checked as always)."""
+    import functools
+    import http.server
+    import threading as th
+
+    blocker = tmp_path / "no-tqdm" / "tqdm"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('a JSON worker imported tqdm')\n")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(Path(shared_dir) / "models" / "taef2"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    th.Thread(target=server.serve_forever, daemon=True).start()
+    env = L.workerEnvironment()
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), env["PYTHONPATH"]])
+    env.pop("GMS_WEIGHTS_DIR", None)
+    env.update(GMS_SHARED="", GMS_DOWNLOAD_BASE_URL=f"http://127.0.0.1:{server.server_address[1]}/")
+
+    def run(cache, *args):
+        proc = subprocess.run([sys.executable, "-m", "GMSSegmentLib", "--threads", "2", *map(str, args), "--progress",
+                               "json"], env={**env, "GMS_CACHE_DIR": str(tmp_path / cache)}, capture_output=True,
+                              text=True, timeout=JOB_TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        downloads = [e for e in events if e["event"] == "download"]
+        assert downloads and downloads[-1]["done"] == downloads[-1]["total"] > 0, events[:5]
+        assert sorted(p.name for p in (tmp_path / cache / "taef2").iterdir()) == ["taef2_decoder.pth",
+                                                                                 "taef2_encoder.pth"]
+        return events
+
+    try:
+        image = sorted((busi_dir / "images").glob("benign_1*.png"))[0]
+        events = run("cache-segment", "segment", image, "-o", tmp_path / "out.nrrd", "--model", "busi-lesion",
+                     "--device", "cpu", "--no-tta")
+        assert any(e["event"] == "result" for e in events)
+        events = run("cache-train", "train", busi_dir, "-o", tmp_path / "model", "--name", "no-tqdm", "--segments",
+                     "lesion", "--max-train", "2", "--max-val", "1", "--augment-copies", "1", "--epochs", "1",
+                     "--warmup-epochs", "0", "--dice-samples", "1", "--batch-size", "2", "--no-postprocess-select")
+        assert any(e["event"] == "result" for e in events)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ------------------------------------------------------------------------------------- training data from the scene

@@ -20,34 +20,32 @@ How a job runs
 3. When the worker has exited, :meth:`poll` imports every result into a *new* ``vtkMRMLSegmentationNode`` (or as new
    segments of a chosen node; names are made unique, e.g. ``lesion (2)``, so edited segments are never overwritten),
    with the model card's segment names and colours and the input volume as reference geometry.
-4. Cancel ends the whole process tree (SIGTERM to the group, SIGKILL after a short grace; ``taskkill /T /F`` on
-   Windows). On cancel or failure the scene is left unchanged; the temporary folder is always removed.
+4. Cancel ends the whole process tree from a thread (SIGTERM to the group, SIGKILL after a short grace; ``taskkill
+   /T /F`` on Windows), so neither cancel nor shutdown waits in the caller's (GUI) thread; see ``workerprocess``. On
+   cancel or failure the scene is left unchanged; the temporary folder is always removed.
 """
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
-import importlib.metadata
 import json
 import logging
 import os
 import queue
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from . import GMSError, modelpaths
+from .dependencies import OPTIONAL_REQUIREMENTS, REQUIREMENTS, missingRequirements, requirementsForCard  # noqa: F401
+from .workerprocess import WorkerProcess, describeAbnormalExit
 
 try:  # in Slicer and with slicer-core; the engine itself never needs these
     import slicer
@@ -86,14 +84,7 @@ __all__ = [
     "ijkToRasFromLpsGeometry",
 ]
 
-#: Python packages the worker needs (torch comes from Slicer's PyTorch extension, SimpleITK ships with Slicer)
-REQUIREMENTS = ("torch>=2.1", "numpy>=1.24", "SimpleITK>=2.2", "safetensors>=0.4", "scipy>=1.10", "tqdm>=4.60",
-                "pillow>=9")
-#: needed only by models whose foundation autoencoder comes from diffusers
-OPTIONAL_REQUIREMENTS = {"diffusers": ("diffusers>=0.27",)}
-
 DEVICES = ("auto", "cpu", "cuda")
-CANCEL_GRACE_S = 0.75  # SIGTERM, then SIGKILL after this many seconds
 PIPE_DRAIN_S = 2.0  # after the worker exited, wait at most this long for its pipes to close
 _BINARY_LABELMAP = "Binary labelmap"
 _TEMP_PREFIX = "GMSSegment-"
@@ -144,13 +135,18 @@ def findPythonExecutable() -> str:
 
 
 def workerEnvironment(weightsDir: str | None = None, base: dict | None = None) -> dict:
-    """Environment of the worker: the module folder first on PYTHONPATH, unbuffered UTF-8 output."""
+    """Environment of the worker: ``base`` (in Slicer its startup environment, to which the PythonSlicer launcher
+    adds Slicer's own paths; else this process's), the module folder first on PYTHONPATH, unbuffered UTF-8 output,
+    and the engine's settings of this process: every ``GMS_*`` variable of ``os.environ`` (e.g. ``GMS_MODELS_DIR``,
+    which the module extends while Slicer runs, so Slicer's startup environment lacks it); ``weightsDir`` wins over
+    ``GMS_WEIGHTS_DIR``."""
     if base is None:
         base = os.environ.copy()
         if _inSlicerApplication():
             with contextlib.suppress(Exception):
-                base = slicer.util.startupEnvironment()  # PythonSlicer's launcher adds Slicer's own paths
+                base = slicer.util.startupEnvironment()
     env = dict(base)
+    env.update({k: v for k, v in os.environ.items() if k.startswith("GMS_")})
     paths = [moduleDirectory()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
@@ -163,64 +159,13 @@ def workerEnvironment(weightsDir: str | None = None, base: dict | None = None) -
 # ---------------------------------------------------------------------------------------------------- requirements
 
 
-def _parseRequirement(req: str) -> tuple[str, str | None, str | None]:
-    m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(>=|==|>|<=|<|~=)?\s*([0-9][0-9A-Za-z.+\-]*)?\s*$", req)
-    if not m:
-        raise ValueError(f"unsupported requirement {req!r}")
-    return m.group(1), m.group(2), m.group(3)
-
-
-def _versionTuple(text: str) -> tuple:
-    parts = []
-    for piece in re.split(r"[.+\-]", text):
-        m = re.match(r"^(\d+)", piece)
-        if not m:
-            break
-        parts.append(int(m.group(1)))
-    return tuple(parts)
-
-
-def _satisfies(installed: str, op: str | None, wanted: str | None) -> bool:
-    if not op or not wanted:
-        return True
-    try:
-        from packaging.specifiers import SpecifierSet
-        from packaging.version import Version
-
-        return Version(installed) in SpecifierSet(op + wanted, prereleases=True)
-    except Exception:  # packaging missing or a local version it cannot parse: compare numerically
-        a, b = _versionTuple(installed), _versionTuple(wanted)
-        n = max(len(a), len(b))
-        a, b = a + (0,) * (n - len(a)), b + (0,) * (n - len(b))
-        return {">=": a >= b, ">": a > b, "==": a == b, "<=": a <= b, "<": a < b, "~=": a >= b}[op]
-
-
-def missingRequirements(requirements: Iterable[str] = REQUIREMENTS) -> list[str]:
-    """The requirements (pip syntax, e.g. ``"torch>=2.1"``) not satisfied in this Python, without importing them."""
-    missing = []
-    for req in requirements:
-        name, op, wanted = _parseRequirement(req)
-        try:
-            installed = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(req)
-            continue
-        if not _satisfies(installed, op, wanted):
-            missing.append(req)
-    return missing
-
-
 def requirementsForModel(model: str | None = None) -> list[str]:
-    """REQUIREMENTS plus what the model's foundation autoencoder needs (diffusers for ``diffusers-*`` models)."""
-    reqs = list(REQUIREMENTS)
+    """The worker's Python packages for a model (folder or name; see ``dependencies.requirementsForCard``)."""
+    card = None
     if model:
         with contextlib.suppress(Exception):
             card = readModelCard(model)
-            foundation = card.get("foundation") or {}
-            fname = foundation if isinstance(foundation, str) else str(foundation.get("name", ""))
-            if fname.lower().startswith("diffusers") or fname.lower() in ("autoencoderkl", "autoencodertiny"):
-                reqs += list(OPTIONAL_REQUIREMENTS["diffusers"])
-    return reqs
+    return requirementsForCard(card)
 
 
 # ---------------------------------------------------------------------------------------------------------- models
@@ -830,101 +775,6 @@ def _snapToVolumeGeometry(image, volumeNode, tolerance: float = 1e-4) -> None:
 
 # ------------------------------------------------------------------------------------------------------------- worker
 
-_liveWorkers: "weakref.WeakSet[_Worker]" = weakref.WeakSet()
-
-
-@atexit.register
-def _killLiveWorkers() -> None:
-    """Workers run in their own session: end them when this Python (e.g. the Slicer application) exits."""
-    for worker in list(_liveWorkers):
-        with contextlib.suppress(Exception):
-            if worker.proc.poll() is None:
-                worker.signalTree(kill=True)
-
-
-
-class _Worker:
-    """A child process in its own process group, its stdout/stderr read line by line into a queue by threads."""
-
-    def __init__(self, args: list[str], env: dict, cwd: str | None = None, name: str = "worker"):
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200) | getattr(
-                subprocess, "CREATE_NO_WINDOW", 0x08000000)
-        else:
-            kwargs["start_new_session"] = True  # own session and process group: cancel reaches the whole tree
-        self.args = list(args)
-        try:
-            self.proc = subprocess.Popen(
-                self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd,
-                text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
-        except OSError as e:
-            raise RuntimeError(f"cannot start the {name} {self.args[0]}: {e}") from None
-        self.pid = self.proc.pid
-        _liveWorkers.add(self)
-        self.lines: queue.Queue = queue.Queue()
-        self.exitTime: float | None = None
-        self._threads = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, "stdout"), daemon=True,
-                             name=f"GMSSegment-stdout-{self.pid}"),
-            threading.Thread(target=self._read, args=(self.proc.stderr, "stderr"), daemon=True,
-                             name=f"GMSSegment-stderr-{self.pid}"),
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _read(self, stream, name: str) -> None:
-        try:
-            for line in iter(stream.readline, ""):
-                self.lines.put((name, line.rstrip("\r\n")))
-        except (OSError, ValueError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                stream.close()
-
-    def returncode(self) -> int | None:
-        rc = self.proc.poll()
-        if rc is not None and self.exitTime is None:
-            self.exitTime = time.monotonic()
-        return rc
-
-    def pipesClosed(self) -> bool:
-        return not any(t.is_alive() for t in self._threads)
-
-    def signalTree(self, kill: bool) -> None:
-        """SIGTERM (``kill=False``) or SIGKILL to the worker's process group; on Windows taskkill the tree."""
-        if os.name == "nt":  # no gentle tree-wide signal for a windowless process group: end the tree
-            with contextlib.suppress(Exception):
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.pid)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, timeout=5,
-                               creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000))
-            with contextlib.suppress(Exception):
-                self.proc.kill()
-            return
-        sig = signal.SIGKILL if kill else signal.SIGTERM
-        try:
-            os.killpg(self.pid, sig)  # pgid == pid (start_new_session)
-        except (ProcessLookupError, PermissionError):
-            if self.proc.poll() is None:
-                with contextlib.suppress(Exception):
-                    self.proc.send_signal(sig)
-
-    def terminateTree(self, grace: float = CANCEL_GRACE_S) -> None:
-        """End the whole tree without blocking the caller: SIGTERM now, SIGKILL after ``grace`` from a thread."""
-        self.signalTree(kill=False)
-
-        def escalate():
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.02)
-            self.signalTree(kill=True)  # also reaches grandchildren that outlived the leader
-
-        threading.Thread(target=escalate, daemon=True, name=f"GMSSegment-kill-{self.pid}").start()
-
-
 # ---------------------------------------------------------------------------------------------------------------- job
 
 
@@ -983,7 +833,7 @@ class _WorkerJob:
         self._downloading: tuple | None = None
         self._errorMessages: set = set()
         self._env = env
-        self._worker: _Worker | None = None
+        self._worker: WorkerProcess | None = None
         self._inputSteps = list(inputSteps)
         self.inputsRead = 0
         self._writer: threading.Thread | None = None
@@ -1035,8 +885,8 @@ class _WorkerJob:
                 return self._takeLog()
             closed = self._worker.pipesClosed()
             if not closed and time.monotonic() - (self._worker.exitTime or 0) > PIPE_DRAIN_S:
-                # something in the worker's group still holds its pipes: end it and go on
-                self._worker.signalTree(kill=True)
+                # something in the worker's group still holds its pipes: end it (from a thread) and go on
+                self._worker.end(grace=0)
                 closed = True
             if not closed:
                 return self._takeLog()
@@ -1080,7 +930,7 @@ class _WorkerJob:
             self._logLine("Cancel requested: removing what was imported")
             return
         self._logLine("Cancel requested: stopping the worker")
-        self._worker.terminateTree()
+        self._worker.end()
 
     # -- internals ------------------------------------------------------------------------------------------------
     def _prepare(self) -> bool:
@@ -1118,7 +968,7 @@ class _WorkerJob:
         return self._writer is not None and self._writer.is_alive()
 
     def _startWorker(self) -> None:
-        self._worker = _Worker(self.args, self._env, cwd=self.tempDir, name=self.workerName)
+        self._worker = WorkerProcess(self.args, self._env, cwd=self.tempDir, name=self.workerName)
         self._logLine(f"Started worker (pid {self._worker.pid}): {' '.join(_quote(a) for a in self.args)}")
 
     def _advancePreparation(self) -> None:
@@ -1218,6 +1068,23 @@ class _WorkerJob:
         """One step of settling a job whose worker exited without a cancel; True when the job is finished."""
         raise NotImplementedError
 
+    def _abandon(self) -> None:
+        """Settle a cancelled job now although its worker or input writer still runs (nothing was imported yet, so
+        the scene is as it was): a thread ends the worker's tree and removes the temporary folder once both ended."""
+        writer = self._writer
+
+        def cleanup():
+            if writer is not None:
+                writer.join(timeout=60)
+            self._cleanup()
+        self._cancelled()
+        self.endTime = time.monotonic()
+        self.logic._jobFinished(self)
+        if self._worker is not None:
+            self._worker.end(grace=0, then=cleanup)
+        else:
+            threading.Thread(target=cleanup, name="GMSSegment-cleanup").start()
+
     def _download(self, event: dict) -> None:
         what = str(event.get("what") or "weights")
         done, total = _int(event.get("done"), 0), event.get("total")
@@ -1239,13 +1106,9 @@ class _WorkerJob:
 
     def _workerFailureMessage(self) -> str:
         rc = self.returnCode
-        if rc is not None and rc < 0:
-            try:
-                name = signal.Signals(-rc).name
-            except (ValueError, AttributeError):
-                name = f"signal {-rc}"
-            hint = " (out of memory, or ended by another program)" if -rc == getattr(signal, "SIGKILL", 9) else ""
-            return f"the {self.workerName} was killed by {name}{hint}"
+        abnormal = describeAbnormalExit(rc, self._stderrTail)
+        if abnormal is not None:
+            return f"the {self.workerName} was {abnormal}"
         tail = [l for l in self._stderrTail if l.strip()]
         detail = ""
         if tail:
@@ -1862,19 +1725,15 @@ class SegmentationLogic:
             self.job.cancel()
 
     def shutdown(self) -> None:
-        """End every running worker (module cleanup / application exit)."""
+        """Cancel every running job (module cleanup, application exit) without waiting for anything: a job is
+        settled at once (the scene as it was before it); a worker that still runs is ended, and the job's temporary
+        folder removed, by a thread (:meth:`_WorkerJob._abandon`)."""
         for job in list(self._jobs):
             if job.running:
                 job.cancel()
-                if job._worker is not None:
-                    with contextlib.suppress(Exception):
-                        job._worker.signalTree(kill=True)
-                        job._worker.proc.wait(timeout=2)
-                deadline = time.monotonic() + 2.0  # a job still preparing finishes once its file write has
-                job.poll()
-                while job.running and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                    job.poll()
+                job.poll()  # settles what needs no waiting (e.g. a cancel while importing)
+                if job.running:
+                    job._abandon()
 
     def _jobFinished(self, job: _WorkerJob) -> None:
         with contextlib.suppress(ValueError):

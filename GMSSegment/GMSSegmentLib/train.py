@@ -262,8 +262,9 @@ def train(cfg: TrainConfig, events=None) -> Path:
     """Train (or with ``cfg.init_from`` adapt) a model; returns its folder. ``events(kind, **fields)``, if given,
     receives what the worker protocol reports (``gms train --progress json``) instead of the log lines on stdout:
     ``log`` (message), ``stage`` (cache / training / options), ``progress`` (stage cache: done, total entries),
-    ``epoch`` (the epoch's record plus epochs, max_minutes and the best validation Dice so far) and at the end
-    ``result`` (path, best). The log file in the work folder gets every log line either way."""
+    ``epoch`` (the epoch's record plus epochs, max_minutes and the best validation Dice so far), ``download`` (what,
+    done, total: the foundation weights fetched on first use) and at the end ``result`` (path, best). The log file in
+    the work folder gets every log line either way."""
     from .autoencoders import foundation_fingerprint, load_foundation
 
     if not 0 <= cfg.ema < 1:  # checked before any data is read or encoded
@@ -332,9 +333,12 @@ def train(cfg: TrainConfig, events=None) -> Path:
     if adapt_note:
         log(adapt_note)
 
-    foundation = load_foundation(cfg.foundation, weights_dir=cfg.weights_dir)
+    # a first use downloads the weights: reported as events (the worker protocol never imports tqdm), else a tqdm bar
+    download = (lambda done, total: report("download", what="foundation weights", done=done, total=total)) \
+        if events is not None else None
+    foundation = load_foundation(cfg.foundation, weights_dir=cfg.weights_dir, progress=download)
     foundation = foundation.to(memory_format=torch.channels_last)
-    fingerprint = foundation_fingerprint(cfg.foundation, cfg.weights_dir)
+    fingerprint = foundation_fingerprint(cfg.foundation, cfg.weights_dir, progress=download)
     if base is not None:
         theirs = (base.card.get("foundation") or {}).get("files")
         if theirs and theirs != fingerprint:  # before the expensive encoding
