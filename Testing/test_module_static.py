@@ -331,10 +331,20 @@ def module(monkeypatch, tmp_path):
             node.SetModuleName(self.moduleName)
             return node
 
-    slm.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {})
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        displayed: list = []  # what delayDisplay showed
+
+        def delayDisplay(self, message, msec=None):
+            self.displayed.append(message)
+
+    slm.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {
+        "__init__": lambda self, parent: setattr(self, "parent", parent)})
     slm.ScriptedLoadableModuleWidget = type("ScriptedLoadableModuleWidget", (), {})
     slm.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
-    slm.ScriptedLoadableModuleTest = unittest.TestCase
+    slm.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+    i18n = types.ModuleType("slicer.i18n")  # Slicer's translation (QCoreApplication.translate); slicer-core has none
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: f"{context}|{text}"
     pnw = types.ModuleType("slicer.parameterNodeWrapper")
 
     def parameterNodeWrapper(cls):  # the real one adds typed properties backed by the node
@@ -346,7 +356,7 @@ def module(monkeypatch, tmp_path):
 
     pnw.parameterNodeWrapper = parameterNodeWrapper
     for name, mod in (("qt", qt), ("ctk", ctk), ("slicer.ScriptedLoadableModule", slm),
-                      ("slicer.parameterNodeWrapper", pnw)):
+                      ("slicer.parameterNodeWrapper", pnw), ("slicer.i18n", i18n)):
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.syspath_prepend(str(MODULE_DIR))
     spec = importlib.util.spec_from_file_location("GMSSegment_under_test", MODULE_PY)
@@ -370,42 +380,163 @@ def test_module_script_imports_and_logic_works(module):
     assert module._pathOrNone(Path("/x/model")) == "/x/model"
 
 
-def test_ensure_dependencies(module, monkeypatch):
+class _Gui:
+    """Stand-ins for the application's dialogs, wait cursor and testing flag (Qt), and for what installs packages in
+    Slicer (the PyTorch extension's installTorch, slicer.packaging.pip_ensure / slicer.util.pip_install): they record
+    what the module asked for."""
+
+    def __init__(self, monkeypatch, installed: dict, answer=True, testing=False, packaging=True):
+        import slicer
+
+        from GMSSegmentLib import dependencies
+
+        self.calls, self.installed, self.answer, self.failure = [], installed, answer, None
+        gui = self
+
+        class WaitCursor:
+            def __enter__(self):
+                gui.calls.append(("wait cursor",))
+
+            def __exit__(self, *exc):
+                gui.calls.append(("normal cursor",))
+
+        class PyTorchUtilsLogic:
+            def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                             torchvisionVersionRequirement=None):
+                gui.calls.append(("installTorch", askConfirmation, torchVersionRequirement))
+                gui._install("torch", "2.5.1")
+                return object()
+
+        def pip(kind):
+            def install(requirements, **kwargs):
+                gui.calls.append((kind, list(requirements), kwargs))
+                for r in requirements:
+                    gui._install(dependencies.parseRequirement(r)[0], "99")
+            return install
+
+        monkeypatch.setattr(dependencies, "installedVersion", lambda name: self.installed.get(name))
+        monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: testing), raising=False)
+        for name, fn in (("confirmOkCancelDisplay", self._confirm), ("errorDisplay", self._error),
+                         ("WaitCursor", WaitCursor), ("pip_install", pip("pip_install"))):
+            monkeypatch.setattr(slicer.util, name, fn, raising=False)
+        monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+        if packaging:
+            monkeypatch.setitem(sys.modules, "slicer.packaging", types.SimpleNamespace(pip_ensure=pip("pip_ensure")))
+        else:  # Slicer 5.8 and 5.10
+            monkeypatch.setitem(sys.modules, "slicer.packaging", None)
+
+    def _install(self, name, version):
+        if self.failure is not None:
+            raise self.failure
+        self.installed[name] = version
+
+    def _confirm(self, text, windowTitle=None, **kwargs):
+        self.calls.append(("confirm", text))
+        return self.answer
+
+    def _error(self, text, **kwargs):
+        self.calls.append(("error", text))
+
+    def kinds(self):
+        return [c[0] for c in self.calls]
+
+
+BASE = {"numpy": "2.0", "SimpleITK": "2.4", "scipy": "1.14", "pillow": "11"}
+
+
+def test_ensure_dependencies_asks_once_for_everything(module, monkeypatch):
+    """One confirmation lists everything that will be installed, PyTorch included; then PyTorch comes from the
+    PyTorch extension with the minimum version (no second prompt) and the rest from slicer.packaging.pip_ensure
+    (Slicer 5.12+, its own prompt off), or slicer.util.pip_install on 5.8 and 5.10. tqdm is never asked for."""
+    gui = _Gui(monkeypatch, dict(BASE, torch="2.5.0", safetensors="0.4.5"))
+    assert module.ensureDependencies() is True and gui.calls == []  # nothing missing: nothing asked
+
+    gui = _Gui(monkeypatch, dict(BASE), answer=False)
+    assert module.ensureDependencies() is False
+    assert gui.kinds() == ["confirm"]  # declined: nothing installed
+    text = gui.calls[0][1]
+    assert "PyTorch (torch>=2.1" in text and "safetensors>=0.4" in text and "tqdm" not in text
+
+    gui = _Gui(monkeypatch, dict(BASE))
+    assert module.ensureDependencies() is True
+    assert gui.kinds() == ["confirm", "wait cursor", "installTorch", "normal cursor", "pip_ensure"]
+    assert gui.calls[2] == ("installTorch", False, ">=2.1")
+    assert gui.calls[4] == ("pip_ensure", ["safetensors>=0.4"], {"prompt_install": False, "requester": "GMSSegment"})
+
+    gui = _Gui(monkeypatch, dict(BASE, torch="2.5.0"), packaging=False)
+    assert module.ensureDependencies() is True
+    assert gui.kinds() == ["confirm", "wait cursor", "pip_install", "normal cursor"]
+    assert gui.calls[2][1] == ["safetensors>=0.4"]
+
+
+def test_ensure_dependencies_failures_show_one_dialog(module, monkeypatch):
+    """A failed installation (pip's or light-the-torch's CalledProcessError, a prompt declined inside pip_ensure) and
+    a PyTorch older than the minimum each give one error dialog and False, never an exception (the GUI stays
+    usable); an old PyTorch is not installed over (the user upgrades it in PyTorch Utils); nothing is installed in
+    testing mode."""
+    import subprocess
+
+    for failure in (subprocess.CalledProcessError(1, "pip install"), RuntimeError("User declined")):
+        gui = _Gui(monkeypatch, dict(BASE))
+        gui.failure = failure
+        assert module.ensureDependencies() is False
+        assert gui.kinds() == ["confirm", "wait cursor", "installTorch", "normal cursor", "error"]
+        assert str(failure) in gui.calls[-1][1]
+        gui = _Gui(monkeypatch, dict(BASE, torch="2.5.0"))
+        gui.failure = failure
+        assert module.ensureDependencies() is False
+        assert gui.kinds() == ["confirm", "pip_ensure", "error"]
+
+    gui = _Gui(monkeypatch, dict(BASE, torch="1.13.1"))
+    assert module.ensureDependencies() is False
+    assert gui.kinds() == ["error"]
+    assert all(t in gui.calls[0][1] for t in ("PyTorch 1.13.1", "PyTorch Utils", ">=2.1"))
+
+    gui = _Gui(monkeypatch, dict(BASE), testing=True)
+    assert module.ensureDependencies() is False and gui.calls == []
+
+    gui = _Gui(monkeypatch, dict(BASE))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the PyTorch extension is not installed
+    assert module.ensureDependencies() is False
+    assert gui.kinds() == ["error"] and "'PyTorch' extension" in gui.calls[0][1]
+
+
+def test_module_category_is_translated_as_the_template_does(module):
+    """Slicer's scripted module template (5.8 to main): categories = [translate("qSlicerAbstractCoreModule", ...)]."""
+    parent = types.SimpleNamespace()
+    module.GMSSegment(parent)
+    assert parent.categories == ["qSlicerAbstractCoreModule|Segmentation"]
+
+
+def test_self_test_in_both_runners(module, monkeypatch):
+    """The module's self test, as Slicer runs it, on slicer-core (stand-ins: the application's scene, event loop and
+    delayDisplay). Under unittest's runner (ctest) it segments a volume made in the test with the bundled model and
+    cancels a run; nothing is installed or downloaded here (the weights come from GMS_WEIGHTS_DIR). Where a package
+    is missing, each test is skipped with one line in both runners: unittest reports skips, and runTest (Reload and
+    Test, which calls it directly) shows the line and returns instead of failing."""
+    import slicer
+
     from GMSSegmentLib import slicer_logic
 
-    # nothing missing: nothing asked, nothing installed
-    monkeypatch.setattr(slicer_logic, "missingRequirements", lambda reqs: [])
-    assert module.ensureDependencies()
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: None, testingEnabled=lambda: True),
+                        raising=False)
+    def ctest():  # what slicer.testing.runUnitTest does with the module's test case
+        return unittest.TextTestRunner(verbosity=0).run(unittest.TestLoader().loadTestsFromTestCase(
+            module.GMSSegmentTest))
 
-    # torch missing: the PyTorch extension installs it with the minimum version; the user may decline
-    calls = []
-    state = {"missing": ["torch>=2.1", "safetensors>=0.4"]}
-    monkeypatch.setattr(slicer_logic, "missingRequirements", lambda reqs: list(state["missing"]))
+    result = ctest()
+    assert result.wasSuccessful() and result.testsRun == 3 and not result.skipped, (result.errors, result.failures)
 
-    class PyTorchUtilsLogic:
-        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None):
-            calls.append(("torch", askConfirmation, torchVersionRequirement))
-            return None  # declined
-
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
-    assert module.ensureDependencies() is False
-    assert calls == [("torch", True, ">=2.1")]
-
-    # torch installed, the rest through slicer.packaging.pip_ensure
-    def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None):
-        calls.append(("torch", askConfirmation, torchVersionRequirement))
-        return object()
-
-    PyTorchUtilsLogic.installTorch = installTorch
-
-    def pip_ensure(reqs, requester=None):
-        calls.append(("pip", list(reqs), requester))
-        state["missing"] = []
-
-    monkeypatch.setitem(sys.modules, "slicer.packaging", types.SimpleNamespace(pip_ensure=pip_ensure))
-    calls.clear()
-    assert module.ensureDependencies() is True
-    assert calls == [("torch", True, ">=2.1"), ("pip", ["safetensors>=0.4"], "GMSSegment")]
+    real = slicer_logic.requirementsForModel
+    monkeypatch.setattr(slicer_logic, "requirementsForModel", lambda m: real(m) + ["surely-not-installed-gms>=1"])
+    result = ctest()
+    assert result.wasSuccessful() and len(result.skipped) == 2
+    assert all("surely-not-installed-gms>=1" in reason and "\n" not in reason for _, reason in result.skipped)
+    module.GMSSegmentTest.displayed.clear()
+    module.GMSSegmentTest().runTest()  # Reload and Test: returns normally
+    skipped = [m for m in module.GMSSegmentTest.displayed if " skipped: " in m]
+    assert [m.split(" skipped: ")[0] for m in skipped] == ["test_GMSSegment_segmentSample", "test_GMSSegment_cancel"]
 
 
 def test_adapted_models_folder_joins_the_model_search_path(module, monkeypatch, tmp_path, tiny_model):
