@@ -501,6 +501,51 @@ def test_ensure_dependencies_failures_show_one_dialog(module, monkeypatch):
     assert gui.kinds() == ["error"] and "'PyTorch' extension" in gui.calls[0][1]
 
 
+def test_buttons_survive_a_failed_installation(module, monkeypatch, tmp_path):
+    """Segment, Segment all and Adapt with an installation that fails: one error dialog each, no exception out of
+    the slot, nothing started; Adapt asks (and installs) after its wait cursor is gone. Stand-ins: the widget's Qt
+    parts, the dialogs and tryWithErrorDisplay's wait cursor."""
+    import contextlib
+    import subprocess
+
+    import slicer
+
+    gui = _Gui(monkeypatch, dict(BASE, torch="2.5.0"))
+    gui.failure = subprocess.CalledProcessError(1, "pip install")
+
+    @contextlib.contextmanager
+    def tryWithErrorDisplay(message=None, show=True, waitCursor=False):
+        gui.calls.append(("wait cursor",) if waitCursor else ("no cursor",))
+        try:
+            yield
+        finally:
+            gui.calls.append(("normal cursor",))
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", tryWithErrorDisplay)
+    monkeypatch.setenv("GMS_MODELS_DIR", str(tmp_path))
+    started = []
+    model = str(MODULE_DIR / "Resources" / "Models" / "busi-lesion")
+    logic = types.SimpleNamespace(start=lambda *a, **k: started.append(a), isSegmentableVolume=lambda n: True,
+                                  startTraining=lambda *a, **k: started.append(a), loadedVolumes=lambda s: ["volume"],
+                                  trainingPairs=lambda *a, **k: [("v1", "s1"), ("v2", "s2")])
+    nodes = types.SimpleNamespace(checkedNodes=lambda: [])
+    widget = module.GMSSegmentWidget.__new__(module.GMSSegmentWidget)
+    widget.logic = logic
+    widget._parameterNode = types.SimpleNamespace(
+        modelPath=Path(model), device=module.Device.CPU, axis=module.SlicingAxis.MODEL, testTimeAugmentation=True,
+        inputVolume="volume", outputSegmentation=None)
+    widget.ui = types.SimpleNamespace(weightsPathLineEdit=types.SimpleNamespace(currentPath=""),
+                                      batchVolumesComboBox=nodes, adaptSegmentationsComboBox=nodes,
+                                      adaptNameLineEdit=types.SimpleNamespace(text="mine"),
+                                      adaptMinutesSpinBox=types.SimpleNamespace(value=5))
+    monkeypatch.setattr(slicer, "mrmlScene", None, raising=False)
+    for slot in (widget.onSegmentButton, widget.onSegmentAllButton, widget.onAdaptButton):
+        gui.calls.clear()
+        slot()  # returns: no exception reaches Qt
+        assert gui.kinds().count("error") == 1 and not started, (slot.__name__, gui.calls)
+    assert gui.kinds() == ["wait cursor", "normal cursor", "confirm", "pip_ensure", "error"]  # Adapt
+
+
 def test_module_category_is_translated_as_the_template_does(module):
     """Slicer's scripted module template (5.8 to main): categories = [translate("qSlicerAbstractCoreModule", ...)]."""
     parent = types.SimpleNamespace()
