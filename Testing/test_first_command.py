@@ -134,6 +134,8 @@ def test_first_command_refuses_bytes_that_do_not_match_the_pin(serve, tmp_path):
     assert p.returncode == 2, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
     mismatch = [line for line in p.stderr.splitlines() if "SHA-256 mismatch" in line]
+    errors = [line for line in p.stderr.splitlines() if "error" in line.lower()]
+    assert errors == mismatch, p.stderr  # one clear line: the command stops there (no second error from segment)
     assert len(mismatch) == 1 and mismatch[0].startswith("gms: error: download failed:"), p.stderr
     assert f"/{SAMPLE['filename']}" in mismatch[0] and SAMPLE["sha256"] in mismatch[0]
     assert not (work / output_of(first_command())).exists()
