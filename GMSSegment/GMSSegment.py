@@ -48,7 +48,7 @@ class GMSSegment(ScriptedLoadableModule):
         self.parent.title = _("GMS Segment")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []  # PyTorch comes from the PyTorch extension (an extension dependency)
-        self.parent.contributors = ["GMSSegment contributors"]
+        self.parent.contributors = ["GMSSegment team (GMSSegment project)"]
         self.parent.helpText = _(
             "Segment 2D images and 3D volumes with Generative Medical Segmentation (GMS): a frozen foundation "
             "autoencoder and a small latent mapping model trained for the task. Choose a volume and a model folder, "
