@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -219,7 +221,6 @@ def test_offline_refuses_download(monkeypatch, tmp_path):
 def test_explicit_folder_direct_and_parent(taef2_dir, monkeypatch):
     assert W.resolve_weights("taef2", taef2_dir) == taef2_dir
     assert W.resolve_weights("taef2", taef2_dir.parent) == taef2_dir  # <folder>/<name>/<file>
-    assert W.resolve_weights("taef2", taef2_dir, verify=True) == taef2_dir
     monkeypatch.setenv(W.ENV_WEIGHTS_DIR, str(taef2_dir.parent))
     assert W.resolve_weights("taef2") == taef2_dir
     assert foundation_fingerprint("taef2") == {f: p.sha256 for f, p in PINNED.items()}
@@ -245,11 +246,132 @@ def test_explicit_folder_verify_detects_wrong_file(taef2_dir, tmp_path):
     folder = tmp_path / "weights"
     folder.mkdir()
     os.symlink(taef2_dir / ENC, folder / ENC)
-    os.symlink(taef2_dir / ENC, folder / DEC)  # wrong file under the decoder's name
-    assert W.resolve_weights("taef2", folder) == folder  # not hashed unless asked
+    os.symlink(taef2_dir / ENC, folder / DEC)  # wrong file under the decoder's name (64 bytes smaller)
     with pytest.raises(GMSError) as err:
-        W.resolve_weights("taef2", folder, verify=True)
-    assert PINNED[DEC].sha256 in assert_one_line(err)
+        W.resolve_weights("taef2", folder)
+    msg = assert_one_line(err)
+    assert str(folder / DEC) in msg and f"expected {PINNED[DEC].size}" in msg
+
+
+def _flip_bit(path: Path, offset: int) -> None:
+    """Flip one bit of a file in place (same size, same inode)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ 0x01]))
+
+
+def _copy_weights(taef2_dir: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for f in (ENC, DEC):
+        (folder / f).write_bytes((taef2_dir / f).read_bytes())
+    return folder
+
+
+def test_explicit_folder_flipped_bit_is_refused(taef2_dir, tmp_path, monkeypatch):
+    """One flipped bit in an explicitly named folder's encoder (same size): a one-line error naming the file, by
+    --weights-dir and by GMS_WEIGHTS_DIR alike (it used to load and segment nothing)."""
+    folder = _copy_weights(taef2_dir, tmp_path / "weights")
+    _flip_bit(folder / ENC, PINNED[ENC].size // 2)
+    with pytest.raises(GMSError) as err:
+        W.resolve_weights("taef2", folder)
+    msg = assert_one_line(err)
+    assert f"SHA-256 of {folder / ENC} is" in msg and PINNED[ENC].sha256 in msg and "--weights-dir" in msg
+    monkeypatch.setenv(W.ENV_WEIGHTS_DIR, str(folder))
+    with pytest.raises(GMSError, match=W.ENV_WEIGHTS_DIR) as err:
+        load_foundation("taef2")
+    assert str(folder / ENC) in assert_one_line(err)
+
+
+def test_verified_digests_are_remembered_until_the_file_changes(taef2_dir, tmp_path, monkeypatch):
+    """A file is hashed once and its digest remembered across runs (the memo in the cache root) by its identity; a
+    same-size rewrite whose modification time is set back is hashed again and refused."""
+    monkeypatch.setattr(W, "_SETTLE_NS", 0)  # the files were just copied; remember them at once
+    folder = _copy_weights(taef2_dir, tmp_path / "weights")
+    assert W.resolve_weights("taef2", folder) == folder
+    memo_path = tmp_path / "cache" / W.MEMO_FILE
+    memo = json.loads(memo_path.read_text())
+    assert sorted((Path(e["path"]).name, e["sha256"]) for e in memo["files"]) == sorted(
+        (f, PINNED[f].sha256) for f in (ENC, DEC))
+
+    # a new run (empty in-process memo) takes the remembered digest instead of hashing: shown by a memo entry edited
+    # to another digest, which is then what the file is judged by
+    W._verified.clear()
+    for e in memo["files"]:
+        if e["path"].endswith(ENC):
+            e["sha256"] = "0" * 64
+    memo_path.write_text(json.dumps(memo))
+    with pytest.raises(GMSError, match="0" * 64):
+        W.resolve_weights("taef2", folder)
+    memo_path.write_text("{not json")  # a damaged memo counts as empty: the files are hashed again
+    W._verified.clear()
+    assert W.resolve_weights("taef2", folder) == folder
+
+    # one bit flipped in place, size kept, modification time set back: the change time moved, so it is hashed again
+    st = (folder / ENC).stat()
+    time.sleep(0.05)  # past the file system's timestamp tick
+    _flip_bit(folder / ENC, 1000)
+    os.utime(folder / ENC, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (folder / ENC).stat().st_size == st.st_size and (folder / ENC).stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(GMSError) as err:
+        W.resolve_weights("taef2", folder)
+    assert f"SHA-256 of {folder / ENC}" in assert_one_line(err)
+
+
+class _RunsCode:
+    """Unpickling this calls open(marker, "w"): the marker file shows that the pickle ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_as_encoder_is_refused(taef2_dir, tmp_path):
+    """A pickle that would run code, under the encoder's name: never executed, a one-line error naming it, both when
+    the file reaches the loader and (earlier) when the folder is resolved."""
+    marker = tmp_path / "pickle-ran"
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    torch.save({"0.weight": _RunsCode(marker)}, folder / ENC)
+    os.symlink(taef2_dir / DEC, folder / DEC)
+    with pytest.raises(GMSError) as err:
+        TAEF2.from_folder(folder)
+    msg = assert_one_line(err)
+    assert str(folder / ENC) in msg and "could run code" in msg
+    with pytest.raises(GMSError) as err:
+        load_foundation("taef2", weights_dir=folder)
+    assert str(folder / ENC) in assert_one_line(err)
+    assert not marker.exists()
+    (folder / ENC).write_bytes((taef2_dir / ENC).read_bytes()[:5000])  # a damaged file: one line as well
+    with pytest.raises(GMSError, match="cannot load TAEF2 weights") as err:
+        TAEF2.from_folder(folder)
+    assert_one_line(err)
+
+
+def test_gms_segment_refuses_bad_weights_folders(taef2_dir, tmp_path):
+    """The command line with a damaged encoder, and with a code-running pickle posing as it: exit 2, one line naming
+    the file, no traceback, no output, the pickle never run."""
+    from conftest import run_gms
+
+    image = shared_dir() / "data" / "busi" / "images" / "benign_3.png"
+    flipped = _copy_weights(taef2_dir, tmp_path / "flipped")
+    _flip_bit(flipped / ENC, PINNED[ENC].size // 2)
+    marker = tmp_path / "pickle-ran"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"0.weight": _RunsCode(marker)}, evil / ENC)
+    os.symlink(taef2_dir / DEC, evil / DEC)
+    for folder in (flipped, evil):
+        out = tmp_path / f"{folder.name}.png"
+        p = run_gms("segment", image, "-o", out, "--weights-dir", folder, "--progress", "none")
+        assert p.returncode == 2, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gms: error: ") and str(folder / ENC) in lines[0], p.stderr
+        assert not out.exists() and p.stdout == ""
+    assert not marker.exists()
 
 
 def test_unknown_names():

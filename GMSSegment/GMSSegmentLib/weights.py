@@ -12,9 +12,15 @@ Where :func:`resolve_weights` looks, in this order:
 
 An explicit folder (1 or 2) may hold the files directly (``<folder>/<file>``) or in a sub-folder named after the model
 (``<folder>/<name>/<file>``), so both ``.../models/taef2`` and ``.../models`` work. A file missing there is an error
-naming it; nothing is downloaded behind the user's back. Files in an explicit folder are only hashed when asked
-(``verify=True``); files in the cache are always checked (size, then SHA-256, memoised per process by path, size and
-modification time) and a damaged one is downloaded again.
+naming it; nothing is downloaded behind the user's back. Every file is checked against its pin wherever it comes
+from (size, then SHA-256): a wrong or damaged file in an explicit folder is an error naming it, the shared folder is
+used only when all its files match, and a damaged file in the cache is downloaded again.
+
+A file's SHA-256 is computed once and remembered by the file's identity (resolved path, size, modification and change
+time in ns, inode, device), in this process and across runs in ``<cache root>/verified-weights.json`` (only digests
+that matched a pin; a file changed within the last 2 s is not remembered, so that a rewrite within the same timestamp
+tick is not missed). Rewriting a file, even to the same size and with its modification time set back, changes its
+change time, which no user can set, so it is hashed again.
 
 Downloads stream into a hidden temporary file next to the destination, are hashed on the fly and are renamed into
 place only after the SHA-256 matched; on any failure (HTTP error, server unreachable, hash mismatch, interruption) the
@@ -32,11 +38,13 @@ an error instead.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -119,26 +127,90 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-_verified: dict[tuple[str, int, int], str] = {}
+#: the in-process memo of SHA-256 digests by file identity (see _identity); across runs: MEMO_FILE in the cache root
+_verified: dict[tuple, str] = {}
+MEMO_FILE = "verified-weights.json"
+_MEMO_MAX = 64  # entries kept in MEMO_FILE (the newest)
+_SETTLE_NS = 2_000_000_000  # a file changed more recently than this may still change within its timestamp tick
 
 
-def _sha256_cached(path: Path) -> str:
-    """sha256_file memoised for this process by (path, size, mtime): the cache is checked on every resolve cheaply."""
+def _identity(path: Path) -> tuple:
+    """What must stay equal for a remembered digest to hold: the resolved path, size, modification and change time (ns),
+    inode and device. The change time moves on every write and on every ``utime`` (no user can set it), so a rewrite of
+    the same size whose modification time is set back is still seen."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+_MEMO_FIELDS = ("path", "size", "mtime_ns", "ctime_ns", "inode", "device")
+
+
+def _memo_read() -> dict[tuple, str]:
+    """The remembered digests of MEMO_FILE by identity; an unreadable or malformed memo counts as empty."""
+    try:
+        data = json.loads((cache_root() / MEMO_FILE).read_text())
+        entries = data["files"]
+        return {tuple(e[k] for k in _MEMO_FIELDS): str(e["sha256"]) for e in entries}
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return {}
+
+
+def _memo_add(key: tuple, digest: str) -> None:
+    """Remember a verified digest across runs (best effort: a read-only cache only costs a hash per run)."""
+    memo = {k: v for k, v in _memo_read().items() if k[0] != key[0]}
+    memo[key] = digest
+    entries = [dict(zip(_MEMO_FIELDS, k), sha256=v) for k, v in list(memo.items())[-_MEMO_MAX:]]
+    path = cache_root() / MEMO_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{MEMO_FILE}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"files": entries}, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        log.debug("cannot write %s: %s", path, e)
+
+
+def _sha256_cached(path: Path, pinned: PinnedFile | None = None) -> str:
+    """sha256_file, remembered by the file's identity in this process and, when it matches ``pinned``, across runs."""
+    key = _identity(path)
     digest = _verified.get(key)
     if digest is None:
+        digest = _memo_read().get(key)
+    if digest is None:
         digest = sha256_file(path)
-        _verified[key] = digest
+        if _identity(path) != key or time.time_ns() - max(key[2], key[3]) < _SETTLE_NS:
+            return digest  # changed while hashed, or may still change unseen: not remembered
+        if pinned is not None and digest == pinned.sha256:
+            _memo_add(key, digest)
+    _verified[key] = digest
     return digest
 
 
-def _file_ok(path: Path, pinned: PinnedFile) -> bool:
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, hashed only when the file changed since it was last hashed (see _identity)."""
+    return _sha256_cached(Path(path))
+
+
+def check_file(path: Path, pinned: PinnedFile) -> str | None:
+    """None when ``path`` is the pinned file, else why not (one line naming the file)."""
     if not path.is_file():
-        return False
-    if pinned.size is not None and path.stat().st_size != pinned.size:
-        return False
-    return _sha256_cached(path) == pinned.sha256
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if pinned.size is not None and size != pinned.size:
+        return f"{path} has {size} bytes, expected {pinned.size} (wrong or damaged file)"
+    actual = _sha256_cached(path, pinned)
+    if actual != pinned.sha256:
+        return f"SHA-256 of {path} is {actual}, expected {pinned.sha256} (wrong or damaged file)"
+    return None
+
+
+def _file_ok(path: Path, pinned: PinnedFile) -> bool:
+    return check_file(path, pinned) is None
 
 
 # -- locations ----------------------------------------------------------------------------------------------------------
@@ -166,7 +238,7 @@ def download_url(pinned: PinnedFile, urls: Mapping[str, str] | None = None) -> s
     return pinned.url
 
 
-def _explicit_folder(spec: FoundationWeights, folder: Path, origin: str, verify: bool) -> Path:
+def _explicit_folder(spec: FoundationWeights, folder: Path, origin: str) -> Path:
     folder = folder.expanduser()
     if not folder.is_dir():
         raise GMSError(f"{origin} {folder} is not a folder (expected the {spec.name} files "
@@ -183,12 +255,10 @@ def _explicit_folder(spec: FoundationWeights, folder: Path, origin: str, verify:
                        f"{folder / spec.name}); get {'it' if len(missing) == 1 else 'them'} from "
                        f"{next(p.url for p in spec.files if p.name == missing[0])}, or leave {origin} unset to "
                        f"download into the cache")
-    if verify:
-        for pinned in spec.files:
-            actual = _sha256_cached(cand / pinned.name)
-            if actual != pinned.sha256:
-                raise GMSError(f"{spec.name} weights: SHA-256 of {cand / pinned.name} is {actual}, expected "
-                               f"{pinned.sha256} (wrong or damaged file)")
+    for pinned in spec.files:
+        problem = check_file(cand / pinned.name, pinned)
+        if problem:
+            raise GMSError(f"{spec.name} weights: {problem}; get the pinned file from {pinned.url} ({origin})")
     return cand
 
 
@@ -211,20 +281,19 @@ def offline() -> bool:
 
 
 def resolve_weights(name: str, weights_dir: str | Path | None = None, progress: ProgressCallback | None = None, *,
-                    verify: bool = False, urls: Mapping[str, str] | None = None,
-                    allow_download: bool = True) -> Path:
-    """Return a folder holding all pinned files of foundation model ``name`` (see the module docstring for the order).
+                    urls: Mapping[str, str] | None = None, allow_download: bool = True) -> Path:
+    """Return a folder holding all pinned files of foundation model ``name``, each verified against its pin (see the
+    module docstring for the order).
 
-    ``verify`` hashes the files of an explicit folder too (cache files are always verified). ``urls`` maps file names
-    to download URLs (overrides ``GMS_DOWNLOAD_BASE_URL`` and the pinned URL). ``progress(done, total)`` replaces the
-    tqdm bar on stderr during downloads.
+    ``urls`` maps file names to download URLs (overrides ``GMS_DOWNLOAD_BASE_URL`` and the pinned URL).
+    ``progress(done, total)`` replaces the tqdm bar on stderr during downloads.
     """
     spec = weights_info(name)
     if weights_dir is not None and str(weights_dir) != "":
-        return _explicit_folder(spec, Path(weights_dir), "--weights-dir", verify)
+        return _explicit_folder(spec, Path(weights_dir), "--weights-dir")
     env = os.environ.get(ENV_WEIGHTS_DIR)
     if env:
-        return _explicit_folder(spec, Path(env), ENV_WEIGHTS_DIR, verify)
+        return _explicit_folder(spec, Path(env), ENV_WEIGHTS_DIR)
 
     folder = cache_dir(name)
     shared = shared_dir()
@@ -336,7 +405,7 @@ def download_file(url: str, dest: str | Path, sha256: str, progress: ProgressCal
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dest)
         moved = True
-        _verified[(str(dest.resolve()), dest.stat().st_size, dest.stat().st_mtime_ns)] = actual
+        _verified[_identity(dest)] = actual  # hashed on the fly: remembered in this process
         return dest
     except OSError as e:  # local write errors (disk full, permissions)
         raise GMSError(f"download failed: cannot write {dest}: {e.strerror or e}") from None

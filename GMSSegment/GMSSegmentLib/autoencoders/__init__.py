@@ -77,11 +77,11 @@ def foundation_fingerprint(spec: str | Mapping[str, Any], weights_dir: str | Pat
                            progress=None) -> dict[str, str]:
     """SHA-256 of each weight file (and, for diffusers, ``config.json``) of a foundation model, by file name, for
     model cards. TAEF2 files are resolved like :func:`load_foundation` does (which may download them)."""
-    from ..weights import resolve_weights, sha256_file
+    from ..weights import file_sha256, resolve_weights, sha256_file
     spec = _normalise(spec)
     if spec["name"] == "taef2":
-        folder = resolve_weights("taef2", weights_dir, progress)
-        return {f: sha256_file(folder / f) for f in TAEF2.files}
+        folder = resolve_weights("taef2", weights_dir, progress)  # verified: their digests are remembered
+        return {f: file_sha256(folder / f) for f in TAEF2.files}
     from .diffusers_ae import model_files
     files = model_files(_diffusers_path(spec, weights_dir), spec.get("subfolder"), spec.get("revision"))
     return {p.name: sha256_file(p) for p in files}

@@ -5,12 +5,14 @@ Both halves are ``nn.Sequential`` so that the upstream state-dict keys (``"<inde
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import GMSError
 from .base import FoundationAutoencoder
 
 WIDTH = 64
@@ -78,6 +80,23 @@ DECODER_GLOBAL_END = 6
 DECODER_LOCAL_RADIUS_LATENT = 10 / 2 + 10 / 4 + 5 / 8
 
 
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file, read with ``weights_only=True`` (a pickle that would run code, or anything else
+    than a dict of tensors, is refused); any failure is a one-line :class:`GMSError` naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise GMSError(f"refused to load TAEF2 weights {path}: the file holds objects other than tensors (a pickle "
+                       "that could run code); use the pinned file") from None
+    except Exception as e:  # RuntimeError/EOFError/OSError for damaged or unreadable files, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise GMSError(f"cannot load TAEF2 weights {path}: {type(e).__name__}: {first}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise GMSError(f"cannot load TAEF2 weights {path}: not a state dict of tensors")
+    return {k: v.float() for k, v in state.items()}
+
+
 class TAEF2(FoundationAutoencoder):
     name = "taef2"
     latent_channels = LATENT_CHANNELS
@@ -97,8 +116,7 @@ class TAEF2(FoundationAutoencoder):
             path = folder / fname
             if not path.is_file():
                 raise FileNotFoundError(f"TAEF2 weights not found: {path}")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            part.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+            part.load_state_dict(_state_dict(path), strict=True)
         return model.freeze()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
