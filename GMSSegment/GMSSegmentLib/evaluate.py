@@ -15,9 +15,10 @@ from PIL import Image
 
 from . import GMSError
 from .data import detect_layout, find_image, load_mask, read_split, volume_path
-from .imageio import atomic_output, read_image
+from .atomicfile import atomic_output, atomic_write
+from .imageio import read_image
 from .metrics import label_metrics
-from .model import CARD, _atomic_write, load_model, resolve_model_path
+from .model import CARD, load_model, resolve_model_path
 from .pipeline import FastDecodeSettings, SliceSegmenter, ViewCache, pick_device, segment_array_variants
 
 
@@ -237,7 +238,7 @@ def _update_card(model_dir: Path, change) -> None:
     card_path = model_dir / CARD
     card = json.loads(card_path.read_text())
     change(card)
-    _atomic_write(card_path, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
+    atomic_write(card_path, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
 
 
 def _record(model_dir: Path, root: Path, list_name: str, resolution: str, n: int, summary: dict, command):

@@ -13,7 +13,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import GMSError
-from .atomicfile import atomic_output
+from .atomicfile import atomic_output, write_failed
+from .niftisize import nifti_shortfall
 
 if TYPE_CHECKING:
     from .imageio import Geometry
@@ -254,11 +255,36 @@ def write_labels(
         img = sitk.GetImageFromArray(data.astype(_label_dtype(max_label), copy=False))
         geometry.apply(img)
 
-    with atomic_output(dest, overwrite=overwrite) as tmp:
+    with atomic_output(dest, overwrite=overwrite, verify=lambda tmp: _check_written(tmp, dest, img, ext)) as tmp:
         try:
             sitk.WriteImage(img, tmp, useCompression=ext in (".nrrd", ".seg.nrrd", ".mha", ".nii.gz"))
         except RuntimeError as e:
-            from .imageio import _sitk_reason  # imageio re-exports this module: import it only when needed
-
-            raise GMSError(f"cannot write {dest}: {_sitk_reason(e)}") from e
+            raise write_failed(dest, _sitk_reason(e)) from None
     return os.path.abspath(dest)
+
+
+def _check_written(tmp: str, dest: str, img: sitk.Image, ext: str) -> None:
+    """Read the written file back: it must hold exactly the voxels of ``img`` (ITK reports no error for some formats
+    when the disk fills, and leaves a short or empty file), and a NIfTI file every byte its header declares (ITK's
+    NIfTI reader fills a short file with zeros)."""
+    if os.path.getsize(tmp) == 0:
+        raise write_failed(dest, "nothing was written (the file is empty)")
+    try:
+        back = sitk.ReadImage(tmp)
+    except RuntimeError as e:
+        reason = _sitk_reason(e).replace(tmp, dest)
+        raise write_failed(dest, f"the written file does not read back ({reason})") from None
+    if (back.GetSize() != img.GetSize()
+            or back.GetNumberOfComponentsPerPixel() != img.GetNumberOfComponentsPerPixel()
+            or not np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(img))):
+        raise write_failed(dest, "the written file does not read back as written")
+    if ext in (".nii", ".nii.gz"):
+        short = nifti_shortfall(tmp)
+        if short:
+            raise write_failed(dest, short)
+
+
+def _sitk_reason(exc: BaseException) -> str:
+    from .imageio import _sitk_reason as reason  # imageio re-exports this module: import it only when needed
+
+    return reason(exc)

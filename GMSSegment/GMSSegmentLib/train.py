@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shlex
 import time
 from collections import Counter
@@ -26,15 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import GMSError, __version__
+from .atomicfile import atomic_write
 from .augment import augment_pair
 from .data import detect_layout, load_2d, load_3d, read_split, volume_orientation
 from .lmm import LatentMappingModel, LMMConfig
 from .model import STATS, WEIGHTS, GMSModel, make_segments
 from .modelpaths import resolve_model_path
 from .pipeline import classify, to_model_input, train_autocast, training_precision
+from .tensorfile import save_safetensors
 from .weights import sha256_file
 
 
@@ -161,9 +162,7 @@ class LatentCache:
         c = cls(torch.cat(imgs).contiguous(), torch.cat(masks).contiguous(), torch.stack(labs), names, copies)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"img": c.img, "mask": c.mask, "labels": c.labels}, str(tmp))
-            os.replace(tmp, path)
+            save_safetensors({"img": c.img, "mask": c.mask, "labels": c.labels}, path)
         log(f"latent cache: {c.img.shape[0]} entries in {time.time() - t0:.0f} s")
         return c
 
@@ -531,12 +530,11 @@ def train(cfg: TrainConfig, events=None) -> Path:
                  "history": json.dumps(history), "output": str(out.resolve())}
         if ema_lmm is not None:
             state["ema"] = ema_lmm.state_dict()
-        torch.save(state, work / "last.tmp")
-        os.replace(work / "last.tmp", ckpt)
+        atomic_write(ckpt, lambda p: torch.save(state, p))
         if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:  # the weights validation sees, for averaging
             kept = "ema" if ema_lmm is not None else "lmm"
-            torch.save({kept: state[kept], "epoch": state["epoch"], "output": state["output"]}, work / "snap.tmp")
-            os.replace(work / "snap.tmp", work / f"epoch-{epoch + 1:04d}.pt")
+            atomic_write(work / f"epoch-{epoch + 1:04d}.pt",
+                         lambda p: torch.save({kept: state[kept], "epoch": state["epoch"], "output": state["output"]}, p))
         if over_time:
             log(f"time budget of {cfg.max_minutes} min reached after epoch {epoch + 1}")
             stopped_early = True
