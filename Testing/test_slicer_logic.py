@@ -634,6 +634,34 @@ def test_bad_model_folder_fails_cleanly(scene, logic, temp_root, busi_images, tm
     assert os.listdir(temp_root) == []
 
 
+def test_worker_on_a_full_disk_reports_the_error_and_imports_nothing(scene, tmp_path, weights_dir):
+    """The worker writes its result into the job folder through the same checked write as ``gms segment``: on a full
+    disk (a small tmpfs mounted by the test) it reports the failed write; the job fails with that message, says no
+    "Segmented", imports nothing and leaves no file."""
+    from smalldisk import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk", size="1m") as disk:
+        logic = L.SegmentationLogic(scene=scene, tempRoot=str(disk))
+        try:
+            volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "scan")
+            pixels = np.random.default_rng(2).integers(0, 256, (1, 32, 32)).astype(np.uint8)
+            slicer.util.updateVolumeFromArray(volume, pixels)
+            before = scene_state(scene)
+            fill(disk, leave=4096)  # room for the exported input (one page), none for the result
+            job = logic.segment(volume, "busi-lesion", device="cpu", weightsDir=weights_dir, tta=False,
+                                timeout=JOB_TIMEOUT)
+        finally:
+            logic.shutdown()
+        assert job.state == L.JobState.FAILED, job.log
+        assert job.errorMessage.startswith("cannot write ") and "output_0.seg.nrrd" in job.errorMessage, \
+            job.errorMessage
+        assert job.returnCode == 2
+        assert not any("Segmented" in line for line in job.log), job.log
+        assert job.segmentationNodes == []
+        assert scene_state(scene) == before
+        assert os.listdir(disk) == ["filler"]
+
+
 def test_invalid_requests_change_nothing(scene, logic, temp_root, tiny_model):
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
     slicer.util.updateVolumeFromArray(labelmap, np.zeros((1, 8, 8), np.uint8))
