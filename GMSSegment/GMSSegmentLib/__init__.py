@@ -6,6 +6,7 @@ Layout:
   model.py       a GMS model folder: LMM weights (safetensors) + card.json, and the foundation model it needs
   weights.py     resolving foundation weights: local folder, cache, or pinned download with SHA-256
   imageio.py     reading images/volumes with geometry, writing label maps atomically
+  inputcheck.py  an input file checked before it is decoded (bytes present, gzip, NaN/Inf, memory; datalayout.py)
   pipeline.py    the one slice loop used by the CLI, the Slicer worker and batch jobs
   train.py, evaluate.py, metrics.py, benchmark.py, cli.py
 """

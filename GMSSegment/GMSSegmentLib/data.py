@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import GMSError
 from .imageio import read_image
+from .inputcheck import read_verified
 from .normalization import DEFAULT as PHOTO, apply_range, intensity_range
 from .orientation import orientation_code, reorientation
 
@@ -98,9 +99,9 @@ def load_3d(root: Path, case: str, normalization: dict, axis: int = 0, label_val
             orientation: str | None = None) -> list[Sample]:
     """All slices of one case along ``axis`` of the (z, y, x) array, after permuting/flipping the volume into
     ``orientation`` when one is given (the model's; a volume too oblique to name is used as stored)."""
-    img_s = sitk.ReadImage(str(volume_path(root, "imagesTr", case)))
+    img_s = read_verified(str(volume_path(root, "imagesTr", case)))  # refuses what read_image refuses to read
     img = sitk.GetArrayFromImage(img_s).astype(np.float32)
-    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(volume_path(root, "labelsTr", case))))
+    lab = sitk.GetArrayFromImage(read_verified(str(volume_path(root, "labelsTr", case))))
     if orientation:
         source = orientation_code(img_s.GetDirection())
         if source is not None:

@@ -32,6 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import GMSError
+from .inputcheck import read_verified
 
 __all__ = [
     "Geometry",
@@ -242,7 +243,8 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
 
     Raises :class:`GMSError` (one line, naming the file) for a missing/empty/unreadable file, an unsupported
     dimensionality (not 2D/3D, multi-component pixels other than RGB/RGBA/gray+alpha in 2D or other than RGB in 3D,
-    an empty size), NaN/Inf values, and constant images (nothing to segment).
+    an empty size), NaN/Inf values, and constant images (nothing to segment); and, before decoding
+    (:mod:`.inputcheck`), truncated or damaged voxel data and a declared size that memory cannot hold.
     """
     p = os.fspath(path)
     if not os.path.exists(p):
@@ -255,7 +257,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     except OSError as e:
         raise GMSError(f"cannot read image {p}: {_one_line(e.strerror or e)}") from e
     try:
-        img = sitk.ReadImage(p)
+        img = read_verified(p)  # also refuses truncated/damaged data, NaN/Inf and what memory cannot hold
     except RuntimeError as e:
         raise GMSError(f"cannot read image {p}: {_sitk_reason(e)}") from e
     except OSError as e:  # pragma: no cover - permission problems surface as RuntimeError in SimpleITK
@@ -295,9 +297,6 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         raw = raw[..., :3]
     is_rgb = ncomp in (3, 4)
 
-    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
-        n_bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
-        raise GMSError(f"{p}: the image contains {n_bad} NaN or Inf values")
     # always a copy: ``raw`` is a view into ``img``'s buffer, which is freed when this function returns
     array = np.array(raw, dtype=np.float32, order="C", copy=True)
     del raw
