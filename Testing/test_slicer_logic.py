@@ -34,6 +34,7 @@ if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
 from GMSSegmentLib import slicer_logic as L  # noqa: E402
+from GMSSegmentLib.atomicfile import STALE_AFTER_S  # noqa: E402
 
 RGB_PNG = "benign_102.png"  # an RGB (3-channel) BUSI image
 JOB_TIMEOUT = 300
@@ -660,6 +661,64 @@ def test_worker_on_a_full_disk_reports_the_error_and_imports_nothing(scene, tmp_
         assert job.segmentationNodes == []
         assert scene_state(scene) == before
         assert os.listdir(disk) == ["filler"]
+
+
+MAKE_JOB_FOLDER = """
+import sys, time
+from GMSSegmentLib.ownedtemp import make_temp_folder
+folder = make_temp_folder(sys.argv[1], sys.argv[2])
+open(folder + "/input_0.nrrd", "wb").write(b"half an input")
+print(folder, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_logic_at_start_removes_the_folders_a_killed_slicer_left(scene, tmp_path):
+    """Job folders of a Slicer killed mid-job are removed when a logic starts (and a staged model when the next is
+    staged beside it), once stale; those of a running process, fresh ones, and anything not of its naming stay."""
+    root = tmp_path / "jobs"
+    root.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), os.environ.get("PYTHONPATH", "")]))
+
+    def folder_of_a_process(prefix: str, kill: bool) -> tuple[Path, subprocess.Popen]:
+        proc = subprocess.Popen([sys.executable, "-c", MAKE_JOB_FOLDER, str(root), prefix], stdout=subprocess.PIPE,
+                                text=True, env=env)
+        folder = Path(proc.stdout.readline().strip())
+        proc.stdout.close()
+        if kill:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        return folder, proc
+
+    killed, _ = folder_of_a_process("GMSSegment-", kill=True)
+    killed_staging, _ = folder_of_a_process(".gms-model-", kill=True)
+    running, alive = folder_of_a_process("GMSSegment-", kill=False)
+    try:
+        fresh, _ = folder_of_a_process("GMSSegment-", kill=True)
+        others = [root / "GMSSegment-notes", root / "GMSSegment-12x-y"]
+        for p in others:
+            p.mkdir()
+        a_file = root / f"GMSSegment-{alive.pid + 1000000}-file"
+        a_file.write_text("not a folder")
+        old = time.time() - STALE_AFTER_S - 60
+        for p in [killed, killed_staging, running, *others, a_file]:
+            os.utime(p, (old, old))
+
+        logic = L.SegmentationLogic(scene=scene, tempRoot=str(root))
+        logic.shutdown()
+        assert not killed.exists()
+        assert all(p.exists() for p in [running, fresh, *others, a_file])
+        # a model staged for publishing lives beside its target: removed when one is next published there
+        assert killed_staging.exists()
+        source = tmp_path / "trained"
+        source.mkdir()
+        (source / "card.json").write_text("{}")
+        assert L._publishFolder(str(source), str(root / "model")) == str(root / "model")
+        assert not killed_staging.exists()
+    finally:
+        alive.kill()
+        alive.wait(30)
 
 
 def test_invalid_requests_change_nothing(scene, logic, temp_root, tiny_model):

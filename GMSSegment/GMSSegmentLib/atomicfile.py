@@ -95,13 +95,12 @@ def new_temp_file(folder: str | os.PathLike, name: str) -> str:
     raise GMSError(f"cannot create a temporary file in {folder}")  # pragma: no cover - 100 collisions of 32 bits
 
 
-def _free_space_note(folder: str) -> str:
-    """`` (no space left on the device)`` when the file system of ``folder`` is full, else ``""``."""
+def _disk_full(folder: str) -> bool:
+    """Whether the file system of ``folder`` has (next to) no space left (False where that cannot be told)."""
     with contextlib.suppress(OSError, AttributeError):
         st = os.statvfs(folder)
-        if st.f_bavail * st.f_frsize < 64 * 1024:
-            return " (no space left on the device)"
-    return ""
+        return st.f_bavail * st.f_frsize < 64 * 1024
+    return False
 
 
 def _sync(tmp: str, dest: str) -> None:
@@ -109,17 +108,17 @@ def _sync(tmp: str, dest: str) -> None:
     try:
         fd = os.open(tmp, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows' fsync needs a writable descriptor
     except OSError as e:
-        raise GMSError(f"cannot write {dest}: {_reason(e)}") from None
+        raise write_failed(dest, _reason(e)) from None
     try:
         os.fsync(fd)
     except OSError as e:
         if e.errno not in _NO_SYNC:
-            raise GMSError(f"cannot write {dest}: {_reason(e)}") from None
+            raise write_failed(dest, _reason(e)) from None
     finally:
         try:
             os.close(fd)
         except OSError as e:  # NFS and others can report a failed write only here
-            raise GMSError(f"cannot write {dest}: {_reason(e)}") from None
+            raise write_failed(dest, _reason(e)) from None
 
 
 @contextlib.contextmanager
@@ -157,7 +156,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False,
         try:
             yield tmp
         except OSError as e:
-            raise GMSError(f"cannot write {dest}: {_reason(e)}") from None
+            raise write_failed(dest, _reason(e)) from None
         if not os.path.isfile(tmp):
             raise GMSError(f"writing {dest} failed: the temporary output disappeared")
         _sync(tmp, dest)
@@ -169,7 +168,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False,
             else:
                 _move_no_clobber(tmp, dest)
         except OSError as e:
-            raise GMSError(f"cannot write {dest}: {_reason(e)}") from None
+            raise write_failed(dest, _reason(e)) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -192,8 +191,11 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], object], *, ov
 
 
 def write_failed(dest: str, reason: str) -> GMSError:
-    """The error for a written file that failed its check, with a note when the disk is full."""
-    return GMSError(f"cannot write {dest}: {reason}{_free_space_note(os.path.dirname(os.path.abspath(dest)))}")
+    """The one-line error for a failed write of ``dest``: ``reason``, or only that the disk is full where it is (a
+    library's own words for that are long and name the temporary file)."""
+    if _disk_full(os.path.dirname(os.path.abspath(dest))):
+        reason = "no space left on the device"
+    return GMSError(f"cannot write {dest}: {reason}")
 
 
 def _move_no_clobber(tmp: str, dest: str) -> None:

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from . import GMSError
 from .atomicfile import atomic_output, write_failed
-from .niftisize import nifti_shortfall
+from .inputcheck import check_stored_data
 
 if TYPE_CHECKING:
     from .imageio import Geometry
@@ -259,14 +259,14 @@ def write_labels(
         try:
             sitk.WriteImage(img, tmp, useCompression=ext in (".nrrd", ".seg.nrrd", ".mha", ".nii.gz"))
         except RuntimeError as e:
-            raise write_failed(dest, _sitk_reason(e)) from None
+            raise write_failed(dest, _sitk_reason(e).replace(tmp, dest)) from None
     return os.path.abspath(dest)
 
 
 def _check_written(tmp: str, dest: str, img: sitk.Image, ext: str) -> None:
     """Read the written file back: it must hold exactly the voxels of ``img`` (ITK reports no error for some formats
-    when the disk fills, and leaves a short or empty file), and a NIfTI file every byte its header declares (ITK's
-    NIfTI reader fills a short file with zeros)."""
+    when the disk fills, and leaves a short or empty file), and every byte its header declares (ITK's NIfTI reader
+    fills a short file with zeros: :func:`~.inputcheck.check_stored_data`, as for input files)."""
     if os.path.getsize(tmp) == 0:
         raise write_failed(dest, "nothing was written (the file is empty)")
     try:
@@ -278,10 +278,10 @@ def _check_written(tmp: str, dest: str, img: sitk.Image, ext: str) -> None:
             or back.GetNumberOfComponentsPerPixel() != img.GetNumberOfComponentsPerPixel()
             or not np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(img))):
         raise write_failed(dest, "the written file does not read back as written")
-    if ext in (".nii", ".nii.gz"):
-        short = nifti_shortfall(tmp)
-        if short:
-            raise write_failed(dest, short)
+    try:  # the bytes its header declares, and an intact gzip stream, are all there
+        check_stored_data(tmp)
+    except GMSError as e:
+        raise write_failed(dest, str(e).replace(f"{tmp}: ", "", 1).replace(tmp, dest)) from None
 
 
 def _sitk_reason(exc: BaseException) -> str:

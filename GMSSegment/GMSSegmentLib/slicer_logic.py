@@ -45,6 +45,7 @@ import numpy as np
 
 from . import GMSError, modelpaths
 from .dependencies import OPTIONAL_REQUIREMENTS, REQUIREMENTS, missingRequirements, requirementsForCard  # noqa: F401
+from .ownedtemp import make_temp_folder, remove_stale_temp_folders
 from .workerprocess import WorkerProcess, describeAbnormalExit
 
 try:  # in Slicer and with slicer-core; the engine itself never needs these
@@ -490,7 +491,8 @@ class TrainingSetExport:
         if self._tmp is None:
             parent = os.path.dirname(os.path.abspath(self.folder))
             os.makedirs(parent, exist_ok=True)
-            self._tmp = tempfile.mkdtemp(prefix=".gms-export-", dir=parent)
+            remove_stale_temp_folders(parent, ".gms-export-")  # left by a killed Slicer
+            self._tmp = make_temp_folder(parent, ".gms-export-")
             for sub in (("imagesTr", "labelsTr") if self.dimension == 3 else ("images", "masks")):
                 os.makedirs(os.path.join(self._tmp, sub))
         return self._tmp
@@ -1449,7 +1451,8 @@ def _publishFolder(source: str, target: str) -> str:
     and a rename, so the target is either absent or complete. Returns the folder written."""
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".gms-model-", dir=parent)
+    remove_stale_temp_folders(parent, ".gms-model-")  # left by a killed Slicer
+    tmp = make_temp_folder(parent, ".gms-model-")
     try:
         staged = os.path.join(tmp, "model")
         shutil.copytree(source, staged)
@@ -1498,6 +1501,8 @@ class SegmentationLogic:
         self.extraWorkerArgs: list[str] = []
         self.job: SegmentationJob | TrainingJob | None = None
         self._jobs: list[_WorkerJob] = []
+        with contextlib.suppress(OSError):  # job folders a killed Slicer left behind
+            remove_stale_temp_folders(self._tempRoot(), _TEMP_PREFIX)
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _scene(self, nodes: Sequence = ()):
@@ -1521,6 +1526,11 @@ class SegmentationLogic:
                     os.makedirs(path, exist_ok=True)
                     return path
         return tempfile.gettempdir()
+
+    def _newJobFolder(self) -> str:
+        root = self._tempRoot()
+        remove_stale_temp_folders(root, _TEMP_PREFIX)
+        return make_temp_folder(root, _TEMP_PREFIX)
 
     @staticmethod
     def isSegmentableVolume(node) -> bool:
@@ -1586,7 +1596,7 @@ class SegmentationLogic:
             raise ValueError(f"foundation weights folder not found: {weightsDir}")
         scene = self._scene(nodes)
 
-        tempDir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self._tempRoot())
+        tempDir = self._newJobFolder()
         try:
             tasks, steps = [], []
             autoAxes = set()
@@ -1691,7 +1701,7 @@ class SegmentationLogic:
                          for v, _ in pairs)
             dimension = 2 if single else 3
         scene = self._scene([n for pair in pairs for n in pair])
-        tempDir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self._tempRoot())
+        tempDir = self._newJobFolder()
         try:
             export = TrainingSetExport(pairs, os.path.join(tempDir, "data"), segmentNames, dimension=dimension)
             workerOutput = os.path.join(tempDir, "model")
