@@ -19,8 +19,8 @@ def small_tmpfs(folder: Path, size: str = "2m", options: str = ""):
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         pytest.skip("needs root on Linux to mount a small tmpfs for this test")
     folder.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(filter(None, [f"size={size}", "mode=0777", options])), "tmpfs", str(folder)],
-                       capture_output=True, text=True)
+    opts = ",".join(filter(None, [f"size={size}", "mode=0777", options]))
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs for this test here ({' '.join((r.stderr or r.stdout).split())})")
     try:

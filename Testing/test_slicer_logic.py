@@ -635,10 +635,12 @@ def test_bad_model_folder_fails_cleanly(scene, logic, temp_root, busi_images, tm
     assert os.listdir(temp_root) == []
 
 
-def test_worker_on_a_full_disk_reports_the_error_and_imports_nothing(scene, tmp_path, weights_dir):
-    """The worker writes its result into the job folder through the same checked write as ``gms segment``: on a full
-    disk (a small tmpfs mounted by the test) it reports the failed write; the job fails with that message, says no
-    "Segmented", imports nothing and leaves no file."""
+@pytest.mark.parametrize("room, fails", [(4096, "output_0.seg.nrrd"), (0, "input_0.nrrd")],
+                         ids=["result-write", "input-export"])
+def test_job_on_a_full_disk_reports_the_failed_write_and_imports_nothing(scene, tmp_path, weights_dir, room, fails):
+    """The logic exports the worker's input, and the worker writes its result, through the same checked write as
+    ``gms segment``: on a full disk (a small tmpfs mounted by the test) the job fails with the failed write's
+    message (the input's before any worker starts), says no "Segmented", imports nothing and leaves no file."""
     from smalldisk import fill, small_tmpfs
 
     with small_tmpfs(tmp_path / "disk", size="1m") as disk:
@@ -648,16 +650,19 @@ def test_worker_on_a_full_disk_reports_the_error_and_imports_nothing(scene, tmp_
             pixels = np.random.default_rng(2).integers(0, 256, (1, 32, 32)).astype(np.uint8)
             slicer.util.updateVolumeFromArray(volume, pixels)
             before = scene_state(scene)
-            fill(disk, leave=4096)  # room for the exported input (one page), none for the result
+            fill(disk, leave=room)  # one page: room for the exported input, none for the result
             job = logic.segment(volume, "busi-lesion", device="cpu", weightsDir=weights_dir, tta=False,
                                 timeout=JOB_TIMEOUT)
         finally:
             logic.shutdown()
         assert job.state == L.JobState.FAILED, job.log
-        assert job.errorMessage.startswith("cannot write ") and "output_0.seg.nrrd" in job.errorMessage, \
-            job.errorMessage
-        assert job.returnCode == 2
+        assert job.errorMessage.startswith("cannot write ") and job.errorMessage.endswith(
+            f"{fails}: no space left on the device"), job.errorMessage
         assert not any("Segmented" in line for line in job.log), job.log
+        if room == 0:  # no worker was started
+            assert job.returnCode is None and not any("Started worker" in line for line in job.log), job.log
+        else:
+            assert job.returnCode == 2
         assert job.segmentationNodes == []
         assert scene_state(scene) == before
         assert os.listdir(disk) == ["filler"]

@@ -19,7 +19,7 @@ from .inputcheck import check_stored_data
 if TYPE_CHECKING:
     from .imageio import Geometry
 
-__all__ = ["write_labels", "output_format", "SUPPORTED_OUTPUT_EXTENSIONS", "DEFAULT_SEGMENT_COLORS"]
+__all__ = ["write_labels", "write_image", "output_format", "SUPPORTED_OUTPUT_EXTENSIONS", "DEFAULT_SEGMENT_COLORS"]
 
 #: output extensions understood by :func:`write_labels` (longest first: ``.seg.nrrd`` before ``.nrrd``)
 SUPPORTED_OUTPUT_EXTENSIONS: tuple[str, ...] = (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".png")
@@ -255,15 +255,24 @@ def write_labels(
         img = sitk.GetImageFromArray(data.astype(_label_dtype(max_label), copy=False))
         geometry.apply(img)
 
-    with atomic_output(dest, overwrite=overwrite, verify=lambda tmp: _check_written(tmp, dest, img, ext)) as tmp:
+    return write_image(img, dest, compress=ext in (".nrrd", ".seg.nrrd", ".mha", ".nii.gz"), overwrite=overwrite)
+
+
+def write_image(img: sitk.Image, path: str | os.PathLike, *, compress: bool = False, overwrite: bool = False) -> str:
+    """``sitk.WriteImage(img, path)``, atomically and checked (:mod:`.atomicfile`; read back voxel by voxel by
+    :func:`_check_written`); returns the absolute path. :class:`GMSError` (one line) for a failed write, which leaves
+    an earlier file untouched and no temporary file. Every image file the engine and the Slicer logic write goes
+    through here."""
+    dest = os.fspath(path)
+    with atomic_output(dest, overwrite=overwrite, verify=lambda tmp: _check_written(tmp, dest, img)) as tmp:
         try:
-            sitk.WriteImage(img, tmp, useCompression=ext in (".nrrd", ".seg.nrrd", ".mha", ".nii.gz"))
+            sitk.WriteImage(img, tmp, useCompression=compress)
         except RuntimeError as e:
             raise write_failed(dest, _sitk_reason(e).replace(tmp, dest)) from None
     return os.path.abspath(dest)
 
 
-def _check_written(tmp: str, dest: str, img: sitk.Image, ext: str) -> None:
+def _check_written(tmp: str, dest: str, img: sitk.Image) -> None:
     """Read the written file back: it must hold exactly the voxels of ``img`` (ITK reports no error for some formats
     when the disk fills, and leaves a short or empty file), and every byte its header declares (ITK's NIfTI reader
     fills a short file with zeros: :func:`~.inputcheck.check_stored_data`, as for input files)."""
@@ -276,7 +285,7 @@ def _check_written(tmp: str, dest: str, img: sitk.Image, ext: str) -> None:
         raise write_failed(dest, f"the written file does not read back ({reason})") from None
     if (back.GetSize() != img.GetSize()
             or back.GetNumberOfComponentsPerPixel() != img.GetNumberOfComponentsPerPixel()
-            or not np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(img))):
+            or not np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(img), equal_nan=True)):
         raise write_failed(dest, "the written file does not read back as written")
     try:  # the bytes its header declares, and an intact gzip stream, are all there
         check_stored_data(tmp)

@@ -45,6 +45,7 @@ import numpy as np
 
 from . import GMSError, modelpaths
 from .dependencies import OPTIONAL_REQUIREMENTS, REQUIREMENTS, missingRequirements, requirementsForCard  # noqa: F401
+from .labelwrite import write_image
 from .ownedtemp import make_temp_folder, remove_stale_temp_folders
 from .workerprocess import WorkerProcess, describeAbnormalExit
 
@@ -380,7 +381,7 @@ def _writeVolumeArray(arr: np.ndarray, ijkToRas: np.ndarray, path: str, compress
     img.SetOrigin(origin)
     img.SetSpacing(spacing)
     img.SetDirection(direction)
-    sitk.WriteImage(img, path, useCompression=compress)
+    write_image(img, path, compress=compress, overwrite=True)  # checked: a full disk is an error, not a short file
     return {"shape": tuple(arr.shape[:3]), "components": arr.shape[3] if isVector else 1}
 
 
@@ -983,7 +984,7 @@ class _WorkerJob:
             if ready:
                 self._startWorker()
         except Exception as e:
-            if not isinstance(e, (ValueError, OSError, RuntimeError)):
+            if not isinstance(e, (ValueError, OSError, RuntimeError, GMSError)):
                 log.exception("GMSSegment: preparing the job failed")
             self.state = JobState.FAILED
             self.errorMessage = str(e) or type(e).__name__
