@@ -339,3 +339,83 @@ def test_learning_rate_schedule_and_its_floor(busi_dir, tmp_path):
     assert json.loads((out / "card.json").read_text())["training"]["config"]["min_lr"] == 0.25
     p = run_gms("--threads", "2", "train", busi_dir, "-o", tmp_path / "bad", "--segments", "lesion", "--min-lr", "2")
     assert p.returncode == 2 and "--min-lr must be" in p.stderr and not (tmp_path / "bad").exists()
+
+
+def test_adaptation_inherits_the_starting_models_segments(shared_dir, tmp_path):
+    """gms train --init-from kvasir-polyp without --segments: the adapted model segments a 'polyp' (the starting
+    model's names, colours, code colours, output labels and mask values), not the default 'lesion'."""
+    from conftest import run_gms
+    from GMSSegmentLib.modelpaths import resolve_model_path
+
+    base = json.loads((resolve_model_path("kvasir-polyp") / "card.json").read_text())
+    out = tmp_path / "adapted"
+    p = run_gms("--threads", "2", "train", shared_dir / "data" / "kvasir-seg", "-o", out, "--init-from", "kvasir-polyp",
+                "--max-train", "2", "--max-val", "1", "--augment-copies", "1", "--epochs", "1", "--warmup-epochs", "1",
+                "--dice-samples", "1", "--no-postprocess-select", "--lr", "0", check=True)
+    assert "segments ['polyp'] (mask values [255], from the --init-from model 'kvasir-polyp')" in p.stdout
+    card = json.loads((out / "card.json").read_text())
+    assert card["segments"] == base["segments"]
+    assert card["training"]["label_values"] == base["training"]["label_values"] == [255]
+    assert "polyp" in card["description"] and "lesion" not in json.dumps(card["segments"])
+
+
+def _two_label_2d_data(busi_dir, folder):
+    """Three BUSI cases whose masks mark the lesion with the value 1 or 2 instead of 255."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    names = ["benign_3", "malignant_3", "benign_10"]
+    for i, name in enumerate(names):
+        (folder / "images" / f"{name}.png").write_bytes((busi_dir / "images" / f"{name}.png").read_bytes())
+        mask = np.asarray(Image.open(busi_dir / "masks" / f"{name}.png").convert("L"))
+        Image.fromarray(np.where(mask > 127, 1 + i % 2, 0).astype(np.uint8)).save(folder / "masks" / f"{name}.png")
+    (folder / "split.json").write_text(json.dumps({"train": names}))
+    return folder
+
+
+def test_segments_that_do_not_match_the_data_are_refused(shared_dir, busi_dir, hippo_dir, tmp_path):
+    """The segments (inherited from the --init-from model or given) against the data's mask values, before anything
+    is encoded or written: one line (exit 2 from the command line), no model or work folder."""
+    from conftest import run_gms
+    from GMSSegmentLib.train import train
+
+    data2 = _two_label_2d_data(busi_dir, tmp_path / "two-labels")
+    out = tmp_path / "m"
+    p = run_gms("train", shared_dir / "data" / "kvasir-seg", "-o", out, "--init-from", "hippocampus",
+                "--max-train", "4", "--max-val", "1")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "gms: error: segment 'anterior' (mask value 1, from the --init-from model 'hippocampus') occurs in none of the "
+        f"5 masks of the training and validation cases in {shared_dir / 'data' / 'kvasir-seg'}: they hold {{255}}; "
+        "give --segments and --label-values to match the data"], p.stderr
+    cases = [  # (data, configuration, what the error says)
+        (hippo_dir, {"init_from": "kvasir-polyp"},
+         "segment 'polyp' (mask value 255, from the --init-from model 'kvasir-polyp') occurs in none"),
+        (data2, {"init_from": "kvasir-polyp"},
+         "segment 'polyp' (binary: mask values above 127, from the --init-from model 'kvasir-polyp') occurs in none "
+         "of the 3 masks"),
+        (data2, {"segments": ["lesion"]}, "they hold {1, 2}"),
+        (data2, {"segments": ["a", "b", "c"]}, "segment 'c' (mask value 3, from --segments and their default values)"),
+        (hippo_dir, {"segments": ["hippocampus"]}, "hold values [2] that no segment has (segments hippocampus = 1"),
+    ]
+    for data, conf, message in cases:
+        with pytest.raises(GMSError) as err:
+            train(TrainConfig(data=str(data), output=str(out), max_train=4, max_val=1, **conf))
+        assert message in str(err.value) and "\n" not in str(err.value), (conf, str(err.value))
+    assert not out.exists() and not (tmp_path / "m.work").exists()
+
+
+def test_training_segments_inherit_colours_for_renamed_segments():
+    from GMSSegmentLib.modelpaths import resolve_model_path
+    from GMSSegmentLib.model import GMSModel as M
+    from GMSSegmentLib.trainsegments import training_segments
+
+    hippo = M.load(resolve_model_path("hippocampus")).card
+    renamed = training_segments(["head", "tail"], None, "3d", hippo)
+    assert renamed.names == ["head", "tail"] and renamed.label_values == [1, 2]
+    assert [(s["label"], s["color"], s["code"]) for s in renamed.segments] == [
+        (s["label"], s["color"], s["code"]) for s in hippo["segments"]]
+    fresh = training_segments(["a", "b", "c"], None, "3d", hippo)  # another number of segments: from scratch
+    assert fresh.label_values == [1, 2, 3] and not fresh.values_given and "default" in fresh.origin
+    with pytest.raises(GMSError, match="2 segment names but 1 label values"):
+        training_segments(["a", "b"], [1], "2d")

@@ -32,9 +32,10 @@ from .atomicfile import atomic_write
 from .augment import augment_pair
 from .data import detect_layout, load_2d, load_3d, read_split, volume_orientation
 from .lmm import LatentMappingModel, LMMConfig
-from .model import STATS, WEIGHTS, GMSModel, make_segments
+from .model import STATS, WEIGHTS, GMSModel
 from .modelpaths import resolve_model_path
 from .pipeline import classify, to_model_input, train_autocast, training_precision
+from .trainsegments import check_against_masks, training_segments
 from .tensorfile import save_safetensors
 from .weights import sha256_file
 
@@ -44,8 +45,9 @@ class TrainConfig:
     data: str
     output: str
     name: str | None = None
-    segments: list[str] = field(default_factory=lambda: ["lesion"])
-    label_values: list[int] | None = None  # values in the mask files, one per segment (2D default 255, 3D 1..n)
+    segments: list[str] | None = None  # None: the --init-from model's, else ["lesion"] (see trainsegments.py)
+    label_values: list[int] | None = None  # values in the mask files, one per segment (None: the --init-from model's,
+    #                                        else 2D 255 for one segment, 1..n for several, 3D 1..n)
     input_size: int | None = None  # None: the --init-from model's input size, else 224
     axis: int | None = None  # slicing axis of 3D data; None: the --init-from model's, else 0
     normalization: dict | None = None
@@ -289,6 +291,12 @@ def train(cfg: TrainConfig, events=None) -> Path:
     if base is not None:
         cfg, adapt_note = _keep_base_validation(cfg, base.card, root)
     layout = detect_layout(root)
+    train_names, val_names = _split_names(cfg, root, layout)
+    # the segments (adapting: the model's unless given) and their check against the masks, before anything is written
+    chosen = training_segments(cfg.segments, cfg.label_values, layout, base.card if base is not None else None)
+    check_against_masks(chosen, root, layout, train_names + val_names)
+    cfg = replace(cfg, segments=chosen.names)
+    segments, label_values = chosen.segments, chosen.label_values
     out = Path(cfg.output)
     work = Path(cfg.work_dir) if cfg.work_dir else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
@@ -300,15 +308,12 @@ def train(cfg: TrainConfig, events=None) -> Path:
         report("log", message=m)
     torch.manual_seed(cfg.seed)
 
-    n_seg = len(cfg.segments)
-    train_names, val_names = _split_names(cfg, root, layout)
+    n_seg = len(segments)
     orientation = None
     if layout == "2d":
-        label_values = cfg.label_values or ([255] if n_seg == 1 else list(range(1, n_seg + 1)))
         norm = cfg.normalization or {"mode": "photo"}
         samples_fn = lambda n: [load_2d(root, n, label_values, norm)]  # noqa: E731
     else:
-        label_values = cfg.label_values or list(range(1, n_seg + 1))
         norm = cfg.normalization or {"mode": "percentile", "low": 0.5, "high": 99.5}
         # the training volumes' orientation (the most common one; the others are permuted/flipped into it) is
         # recorded in the card, and inference brings every input volume into it
@@ -321,14 +326,9 @@ def train(cfg: TrainConfig, events=None) -> Path:
         elif set(found) - {orientation}:
             log(f"training volumes in {dict(found)}: brought into the --init-from model's {orientation}")
         samples_fn = lambda n: load_3d(root, n, norm, cfg.axis, label_values, orientation)  # noqa: E731
-    if len(label_values) != n_seg:
-        raise GMSError(f"{n_seg} segment names but {len(label_values)} label values")
-    segments = make_segments(cfg.segments, labels=list(range(1, n_seg + 1)) if layout == "3d" else None)
-    if layout == "3d":  # keep the data set's label values in the output
-        for s, v in zip(segments, label_values):
-            s["label"] = int(v)
     codes = np.array([s["code"] for s in segments], np.float32)
-    log(f"data {root} ({layout}): {len(train_names)} train, {len(val_names)} validation cases; segments {cfg.segments}")
+    log(f"data {root} ({layout}): {len(train_names)} train, {len(val_names)} validation cases; segments {cfg.segments} "
+        f"(mask values {label_values}, from {chosen.origin})")
     if adapt_note:
         log(adapt_note)
 
