@@ -146,11 +146,11 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False,
         raise GMSError(f"invalid output file name: {os.fspath(path)}")
     if not os.path.isdir(folder):
         raise GMSError(f"output folder does not exist: {folder}")
+    remove_stale_temp_files(folder)
     if os.path.isdir(dest):
         raise GMSError(f"output path is a folder: {dest}")
     if not overwrite and os.path.lexists(dest):
         raise _exists_error(dest)
-    remove_stale_temp_files(folder)
     tmp = new_temp_file(folder, name)
     try:
         try:
