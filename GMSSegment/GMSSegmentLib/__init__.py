@@ -5,7 +5,8 @@ Layout:
   lmm.py         the latent mapping model (ResAttnUNet with deep supervision)
   model.py       a GMS model folder: LMM weights (safetensors) + card.json, and the foundation model it needs
   weights.py     resolving foundation weights: local folder, cache, or pinned download with SHA-256
-  imageio.py     reading images/volumes with geometry, writing label maps atomically
+  imageio.py     reading images/volumes with geometry (re-exports labelwrite's writers)
+  labelwrite.py  writing label maps (and every image file) through atomicfile.py: atomic, synced, read back
   inputcheck.py  an input file checked before it is decoded (bytes present, gzip, NaN/Inf, memory; datalayout.py)
   pipeline.py    the one slice loop used by the CLI, the Slicer worker and batch jobs
   train.py, evaluate.py, metrics.py, benchmark.py, cli.py
