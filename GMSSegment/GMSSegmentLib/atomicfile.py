@@ -13,8 +13,8 @@ Otherwise :class:`GMSError` is raised with one line naming the destination, the 
 destination is untouched: an earlier file stays as it was, and nothing partial is left behind.
 
 A process killed while writing cannot remove its temporary file; such files (named ``.~<8 hex digits>.<name>``, the
-naming of this module only) are removed from a folder by the next write into it once they are older than
-:data:`STALE_AFTER_S` (:func:`remove_stale_temp_files`).
+naming of this module only) are removed from a folder by the next process that writes into it, once they are older
+than :data:`STALE_AFTER_S` (:func:`remove_stale_temp_files`).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ __all__ = ["atomic_output", "atomic_write", "write_failed", "new_temp_file", "re
 STALE_AFTER_S = 300.0
 
 _TEMP_NAME = re.compile(r"\.~[0-9a-f]{8}\..+", re.DOTALL)
+_cleaned: set[str] = set()  # folders this process has removed stale temporary files from
 #: fsync errors that only say the file system cannot sync (nothing was lost)
 _NO_SYNC = {errno.EINVAL, getattr(errno, "ENOTSUP", -1), getattr(errno, "EOPNOTSUPP", -1)}
 
@@ -146,7 +147,9 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False,
         raise GMSError(f"invalid output file name: {os.fspath(path)}")
     if not os.path.isdir(folder):
         raise GMSError(f"output folder does not exist: {folder}")
-    remove_stale_temp_files(folder)
+    if folder not in _cleaned:  # once per folder and process: a batch into a large folder lists it only once
+        _cleaned.add(folder)
+        remove_stale_temp_files(folder)
     if os.path.isdir(dest):
         raise GMSError(f"output path is a folder: {dest}")
     if not overwrite and os.path.lexists(dest):
