@@ -358,6 +358,19 @@ def test_adaptation_inherits_the_starting_models_segments(shared_dir, tmp_path):
     assert card["training"]["label_values"] == base["training"]["label_values"] == [255]
     assert "polyp" in card["description"] and "lesion" not in json.dumps(card["segments"])
 
+    # resuming from a checkpoint that is a pickle which would run code: refused in one line, never run, model kept
+    class RunsCode:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pickle-ran"), "w"))
+
+    before = (out / "card.json").read_bytes()
+    torch.save({"lmm": RunsCode()}, tmp_path / "adapted.work" / "last.pt")
+    p = run_gms("--threads", "2", "train", *p.args[p.args.index("train") + 1:])  # the same command again
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"gms: error: refused to load the training checkpoint {tmp_path / 'adapted.work' / 'last.pt'}: the file holds "
+        "objects other than tensors (a pickle that could run code); remove it or pass --no-resume"], p.stderr
+    assert not (tmp_path / "pickle-ran").exists() and (out / "card.json").read_bytes() == before
+
 
 def _two_label_2d_data(busi_dir, folder):
     """Three BUSI cases whose masks mark the lesion with the value 1 or 2 instead of 255."""

@@ -37,6 +37,7 @@ from .modelpaths import resolve_model_path
 from .pipeline import classify, to_model_input, train_autocast, training_precision
 from .trainsegments import check_against_masks, training_segments
 from .tensorfile import save_safetensors
+from .torchload import load_weights_only
 from .weights import sha256_file
 
 
@@ -436,10 +437,17 @@ def train(cfg: TrainConfig, events=None) -> Path:
     ckpt = work / "last.pt"
     start_epoch, best, history = 0, -1.0, []
     if cfg.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        lmm.load_state_dict(state["lmm"])
-        opt.load_state_dict(state["opt"])
-        start_epoch, best = int(state["epoch"]), float(state["best"])
+        try:
+            state = load_weights_only(ckpt, "the training checkpoint")  # a code-running pickle is refused
+            lmm.load_state_dict(state["lmm"])
+            opt.load_state_dict(state["opt"])
+            start_epoch, best = int(state["epoch"]), float(state["best"])
+        except GMSError as e:
+            raise GMSError(f"{e}; remove it or pass --no-resume") from None
+        except Exception as e:  # another run's checkpoint (other LMM shape, missing keys)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise GMSError(f"cannot resume from {ckpt} ({type(e).__name__}: {first}); remove it or pass "
+                           "--no-resume") from None
         history = json.loads(state["history"]) if "history" in state else []
         if ema_lmm is not None:
             ema_lmm.load_state_dict(state["ema"] if "ema" in state else state["lmm"])

@@ -5,7 +5,6 @@ Both halves are ``nn.Sequential`` so that the upstream state-dict keys (``"<inde
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import GMSError
+from ..torchload import load_weights_only
 from .base import FoundationAutoencoder
 
 WIDTH = 64
@@ -83,14 +83,7 @@ DECODER_LOCAL_RADIUS_LATENT = 10 / 2 + 10 / 4 + 5 / 8
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of one weight file, read with ``weights_only=True`` (a pickle that would run code, or anything else
     than a dict of tensors, is refused); any failure is a one-line :class:`GMSError` naming the file."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise GMSError(f"refused to load TAEF2 weights {path}: the file holds objects other than tensors (a pickle "
-                       "that could run code); use the pinned file") from None
-    except Exception as e:  # RuntimeError/EOFError/OSError for damaged or unreadable files, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise GMSError(f"cannot load TAEF2 weights {path}: {type(e).__name__}: {first}") from None
+    state = load_weights_only(path, "TAEF2 weights")
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise GMSError(f"cannot load TAEF2 weights {path}: not a state dict of tensors")
