@@ -7,24 +7,23 @@ code colour in the decoded image), training data, licence, citation, and measure
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import GMSError
+from .atomicfile import atomic_write
+from .card import FORMAT_VERSION, load_card
 from .lmm import LatentMappingModel, LMMConfig
-from .orientation import check_code
 # model folders by path or name (no torch needed; shared with the Slicer side)
 from .modelpaths import CARD, DEFAULT_MODEL, find_models, resolve_model_path  # noqa: F401
+from .tensorfile import save_safetensors
 
 WEIGHTS = "model.safetensors"
 #: the per-channel latent statistics stored beside the LMM weights (standardisation of image and mask latents)
 STATS = ("image_mean", "image_std", "mask_mean", "mask_std")
-FORMAT_VERSION = 1
 
 #: code colours of segments in the decoded image. Binary models use white (the GMS paper's rule: channel mean > 0.5).
 #: For up to three segments these corners of the RGB cube are all sqrt(2) apart and sqrt(2) from black.
@@ -112,8 +111,8 @@ class GMSModel(torch.nn.Module):
         card["format_version"] = FORMAT_VERSION
         card["lmm"] = self.lmm.config.to_dict()
         card["trainable_parameters"] = self.lmm.num_parameters(trainable_only=False)
-        _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        _atomic_write(folder / CARD, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
+        save_safetensors(tensors, folder / WEIGHTS, metadata={"format": "pt"})
+        atomic_write(folder / CARD, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
         return folder
 
     @classmethod
@@ -124,18 +123,7 @@ class GMSModel(torch.nn.Module):
         card_path, weights_path = folder / CARD, folder / WEIGHTS
         if not card_path.is_file() or not weights_path.is_file():
             raise GMSError(f"{folder} is not a GMS model folder (needs {CARD} and {WEIGHTS})")
-        try:
-            card = json.loads(card_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GMSError(f"model card {card_path} is not valid JSON: {e}") from None
-        for key in ("segments", "input_size", "foundation", "lmm", "normalization"):
-            if key not in card:
-                raise GMSError(f"model card {card_path} lacks '{key}'")
-        if card.get("orientation") is not None:
-            try:
-                card["orientation"] = check_code(card["orientation"])
-            except GMSError as e:
-                raise GMSError(f"model card {card_path}: {e}") from None
+        card = load_card(card_path)  # every field the engine reads, checked once here
         try:
             tensors = load_file(str(weights_path))
         except Exception as e:  # safetensors raises its own error types
@@ -155,18 +143,6 @@ class GMSModel(torch.nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         return model
-
-
-def _atomic_write(path: Path, writer) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_model(folder: str | Path, weights_dir=None, device: str | torch.device = "cpu", progress=None) -> GMSModel:
