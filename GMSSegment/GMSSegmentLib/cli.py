@@ -49,11 +49,7 @@ def default_output(input_path: str, out_dir: Path | None, fmt: str | None) -> Pa
 
 # -- segment ------------------------------------------------------------------------------------------------------------
 def cmd_segment(args, rep: Reporter) -> int:
-    import torch
-
-    from .imageio import output_format, read_image, write_labels
-    from .model import load_model, resolve_model_path
-    from .pipeline import Cancelled, FastDecodeSettings, SliceSegmenter, pick_device, segment_array
+    from .outputplan import output_problems, png_label_problem
 
     if args.jobs:
         try:
@@ -72,26 +68,40 @@ def cmd_segment(args, rep: Reporter) -> int:
         else:
             out = args.output or str(default_output(args.inputs[0], None, args.format))
             jobs = [{"input": args.inputs[0], "output": out}]
-    for j in jobs:  # check names before any work (an empty input: the command that should have named it failed)
-        if not j["input"].strip():
-            raise GMSError("the input file name is empty")
-        output_format(j["output"])
-        if Path(j["output"]).exists() and not args.overwrite:
-            raise GMSError(f"output {j['output']} exists; use --overwrite to replace it")
-
-    device = pick_device(args.device)
-    model_dir = resolve_model_path(args.model)
-    rep.log(f"model {model_dir} on {device}")
-    model = load_model(model_dir, weights_dir=args.weights_dir, device=device,
-                       progress=rep.download_progress("foundation weights"))
-    fast = FastDecodeSettings(enabled=not args.no_fast)
-    segmenter = SliceSegmenter(model, device, fast, tta=1 if args.no_tta else None, precision=args.precision)
     batch = len(jobs) > 1 or bool(args.jobs)
     n_ok = n_failed = 0
-    for i, job in enumerate(jobs):
+    # every output is checked before any model is loaded: a single input's problem is the command's error; a batch
+    # item's is that item's error, and the other items run
+    problems = output_problems(jobs, overwrite=args.overwrite)
+    for i, problem in enumerate(problems):
+        if problem is not None:
+            if not batch:
+                raise GMSError(problem)
+            n_failed += 1
+            rep.error(problem, input=jobs[i]["input"], item=i)
+    todo = [i for i, problem in enumerate(problems) if problem is None]
+
+    if todo:  # PyTorch is imported only now
+        from .imageio import read_image, write_labels
+        from .model import load_model, resolve_model_path
+        from .pipeline import FastDecodeSettings, SliceSegmenter, pick_device, segment_array
+
+        device = pick_device(args.device)
+        model_dir = resolve_model_path(args.model)
+        rep.log(f"model {model_dir} on {device}")
+        model = load_model(model_dir, weights_dir=args.weights_dir, device=device,
+                           progress=rep.download_progress("foundation weights"))
+        fast = FastDecodeSettings(enabled=not args.no_fast)
+        segmenter = SliceSegmenter(model, device, fast, tta=1 if args.no_tta else None, precision=args.precision)
+        max_label = max((int(s["label"]) for s in model.segments), default=0)
+    for i in todo:
+        job = jobs[i]
         extra = {"item": i} if batch else {}
         t0 = time.perf_counter()
         try:
+            problem = png_label_problem(job["output"], max_label)  # the model's labels: known only now
+            if problem is not None:
+                raise GMSError(problem)
             img = read_image(job["input"])
             name = Path(job["input"]).name
 
@@ -274,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("data", help="data set folder (images/ masks/ split.json, or imagesTr/ labelsTr/ split.json)")
     t.add_argument("-o", "--output", required=True, help="model folder to write")
     t.add_argument("--name")
-    t.add_argument("--segments", nargs="+", default=["lesion"], help="segment names, one per label value")
+    t.add_argument("--segments", nargs="+", default=None,
+                   help="segment names, one per label value (default: the --init-from model's segments, with their "
+                        "colours and label values, else lesion)")
     t.add_argument("--init-from", metavar="MODEL",
                    help="adapt a model (installed name or folder) instead of training from scratch: its LMM weights, "
                    "latent statistics, input size and normalisation are the starting point, which is validated "
@@ -282,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "suits short adaptations to the same task; from another task's model keep the default, "
                    "see Resources/Models/EXPERIMENTS.md)")
     t.add_argument("--label-values", nargs="+", type=int, default=None,
-                   help="mask values of the segments (2D default 255; 3D default 1..n)")
+                   help="mask values of the segments (default: the --init-from model's, else 2D 255 for one "
+                        "segment and 1..n for several, 3D 1..n); the masks must hold every value, and a value no "
+                        "segment has is an error unless --label-values is given")
     t.add_argument("--input-size", type=int, default=None,
                    help="model input size in pixels (default: the --init-from model's, else 224)")
     t.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
