@@ -2,10 +2,13 @@
 through the real command line, so the same code path users run)."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,9 @@ SHARED = _shared()
 os.environ.setdefault("GMS_SHARED", str(SHARED))
 # the tests never download: foundation weights come from ../shared/models
 os.environ["GMS_WEIGHTS_DIR"] = str(SHARED / "models")
+# what the engine caches (e.g. the digests of verified weight files) goes to a folder of this run, not the user's home
+os.environ["GMS_CACHE_DIR"] = tempfile.mkdtemp(prefix="gms-test-cache-")
+atexit.register(shutil.rmtree, os.environ["GMS_CACHE_DIR"], ignore_errors=True)
 
 
 def worker_env() -> dict:
