@@ -84,7 +84,8 @@ def run_first_command(tmp_path: Path, base_url: str) -> tuple[subprocess.Complet
     env = {k: v for k, v in os.environ.items()
            if k not in ("GMS_WEIGHTS_DIR", "GMS_CACHE_DIR", "GMS_OFFLINE", "XDG_CACHE_HOME", "PYTHONPATH")}
     env.update(HOME=str(home), GMS_SHARED=str(shared), **{ENV_BASE_URL: base_url})
-    p = subprocess.run(["bash", "-c", first_command()], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(["bash", "-c", first_command()], cwd=work, env=env, capture_output=True, text=True,
+                       encoding="utf-8", errors="replace", timeout=300)
     return p, work, home
 
 
