@@ -8,7 +8,8 @@ import torch
 
 from GMSSegmentLib import GMSError
 from GMSSegmentLib.model import GMSModel
-from GMSSegmentLib.train import TrainConfig, _split_names, code_image, soft_probs
+from GMSSegmentLib.data import SPLIT_SETTINGS, split_names
+from GMSSegmentLib.train import TrainConfig, code_image, soft_probs
 
 
 def test_short_training_loss_decreases(tiny_model, tiny_model_card):
@@ -51,9 +52,24 @@ def test_card_is_complete(tiny_model_card, busi_dir):
     assert c["training"]["compiled"] is False
 
 
+def _split_names(cfg: TrainConfig, root):
+    """The training and validation cases gms train uses for ``cfg``."""
+    return split_names(root, **{k: getattr(cfg, k) for k in SPLIT_SETTINGS})
+
+
+def test_split_defaults_are_the_training_defaults():
+    """A card whose config lacks a split setting gets gms train's default for it (data.split_names' defaults)."""
+    import inspect
+    from dataclasses import fields
+
+    params = inspect.signature(split_names).parameters
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    assert {k: params[k].default for k in SPLIT_SETTINGS} == {k: defaults[k] for k in SPLIT_SETTINGS}
+
+
 def test_validation_is_carved_from_train_never_test(busi_dir):
     cfg = TrainConfig(data=str(busi_dir), output="unused")
-    train, val = _split_names(cfg, busi_dir, "2d")
+    train, val = _split_names(cfg, busi_dir)
     split = json.loads((busi_dir / "split.json").read_text())
     assert len(train) + len(val) == len(split["train"]) and len(val) == 52
     assert not (set(train) | set(val)) & set(split["test"])
@@ -74,12 +90,12 @@ def test_adapting_with_another_seed_keeps_the_models_validation_part(busi_dir):
     base_val = validation_cases(base, busi_dir)
     assert len(base_val) == 52
     cfg = TrainConfig(data=str(busi_dir), output="unused", seed=1, init_from="busi-lesion")
-    _, naive_val = _split_names(cfg, busi_dir, "2d")
+    _, naive_val = _split_names(cfg, busi_dir)
     assert set(naive_val) != set(base_val)  # a plain carve with seed 1 would mix the model's training cases in
     adapted, note = _keep_base_validation(cfg, base, busi_dir)
     assert adapted.seed == 1 and adapted.split_seed == base["training"]["config"]["seed"]
     assert "selected on" in note
-    train, val = _split_names(adapted, busi_dir, "2d")
+    train, val = _split_names(adapted, busi_dir)
     assert val == base_val and not set(train) & set(base_val)
     card = {"training": {"data": busi_dir.name, "config": asdict(adapted)}}
     assert validation_cases(card, busi_dir) == base_val

@@ -46,6 +46,42 @@ def read_split(root: Path) -> dict[str, list[str]]:
     return json.loads(p.read_text())
 
 
+#: the training settings that decide a data set's training and validation cases (``split_names``' parameters; a
+#: model card's ``training.config`` holds them, so the cases a model was selected on can be found again)
+SPLIT_SETTINGS = ("train_list", "val_list", "val_fraction", "max_train", "max_val", "seed", "split_seed")
+
+
+def split_names(root: Path, train_list: str = "train", val_list: str | None = None, val_fraction: float = 0.1,
+                max_train: int | None = None, max_val: int | None = None, seed: int = 0,
+                split_seed: int | None = None) -> tuple[list[str], list[str]]:
+    """The training and validation cases of the data set at ``root`` (sorted names): split.json's list ``train_list``
+    and its list ``val_list``, or without one a part ``val_fraction`` carved from the training list, deterministically
+    by ``split_seed`` (None: ``seed``); each cut to its first ``max_train`` / ``max_val`` names when given. The
+    defaults are ``gms train``'s (``train.TrainConfig``)."""
+    split = read_split(root)
+    if train_list not in split:
+        raise GMSError(f"split.json of {root} has no list '{train_list}' (has {sorted(split)})")
+    train = sorted(split[train_list])
+    if val_list:
+        if val_list not in split:
+            raise GMSError(f"split.json of {root} has no list '{val_list}'")
+        val = sorted(split[val_list])
+    else:  # carve a validation part from the training list, deterministically
+        rng = np.random.default_rng((seed if split_seed is None else split_seed) + 12345)
+        perm = rng.permutation(len(train))
+        n_val = max(1, int(round(len(train) * val_fraction)))
+        val = sorted(train[i] for i in perm[:n_val])
+        train = sorted(train[i] for i in perm[n_val:])
+    if max_train:
+        train = train[:max_train]
+    if max_val:
+        val = val[:max_val]
+    overlap = set(train) & set(val)
+    if overlap:
+        raise GMSError(f"train and validation lists overlap: {sorted(overlap)[:5]}")
+    return train, val
+
+
 def find_image(root: Path, name: str) -> Path:
     for ext in IMAGE_EXTS:
         p = root / "images" / f"{name}{ext}"

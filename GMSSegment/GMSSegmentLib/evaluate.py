@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import GMSError
-from .data import detect_layout, find_image, load_mask, read_split, volume_path
+from .data import SPLIT_SETTINGS, detect_layout, find_image, load_mask, read_split, split_names, volume_path
 from .atomicfile import atomic_output, atomic_write
 from .imageio import read_image
 from .metrics import label_metrics
@@ -111,15 +111,11 @@ def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, b
 
 def validation_cases(card: dict, root: Path) -> list[str]:
     """The validation cases the model was selected on (a split list, or the part carved from its training list)."""
-    from .train import TrainConfig, _split_names
-
     tr = card.get("training") or {}
     if tr.get("data") != root.name:
         raise GMSError(f"model '{card.get('name')}' was trained on '{tr.get('data')}', not on {root}: its validation "
                        "cases are not known")
-    keys = ("train_list", "val_list", "val_fraction", "max_train", "max_val", "seed", "split_seed")
-    cfg = TrainConfig(data=str(root), output="unused", **{k: tr["config"][k] for k in keys if k in tr["config"]})
-    return _split_names(cfg, root, detect_layout(root))[1]
+    return split_names(root, **{k: tr["config"][k] for k in SPLIT_SETTINGS if k in tr["config"]})[1]
 
 
 def _pp_name(z_smooth: float, largest_component: bool) -> str:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from . import GMSError, __version__
 from .atomicfile import atomic_write
 from .augment import augment_pair
-from .data import detect_layout, load_2d, load_3d, read_split, volume_orientation
+from .data import SPLIT_SETTINGS, detect_layout, load_2d, load_3d, split_names, volume_orientation
 from .lmm import LatentMappingModel, LMMConfig
 from .model import STATS, WEIGHTS, GMSModel
 from .modelpaths import resolve_model_path
@@ -235,31 +235,6 @@ def per_image_dice(pred: torch.Tensor, gt: torch.Tensor, n_seg: int) -> np.ndarr
     return np.array(out)
 
 
-def _split_names(cfg: TrainConfig, root: Path, layout: str):
-    split = read_split(root)
-    if cfg.train_list not in split:
-        raise GMSError(f"split.json of {root} has no list '{cfg.train_list}' (has {sorted(split)})")
-    train = sorted(split[cfg.train_list])
-    if cfg.val_list:
-        if cfg.val_list not in split:
-            raise GMSError(f"split.json of {root} has no list '{cfg.val_list}'")
-        val = sorted(split[cfg.val_list])
-    else:  # carve a validation part from the training list, deterministically
-        rng = np.random.default_rng((cfg.seed if cfg.split_seed is None else cfg.split_seed) + 12345)
-        perm = rng.permutation(len(train))
-        n_val = max(1, int(round(len(train) * cfg.val_fraction)))
-        val = sorted(train[i] for i in perm[:n_val])
-        train = sorted(train[i] for i in perm[n_val:])
-    if cfg.max_train:
-        train = train[: cfg.max_train]
-    if cfg.max_val:
-        val = val[: cfg.max_val]
-    overlap = set(train) & set(val)
-    if overlap:
-        raise GMSError(f"train and validation lists overlap: {sorted(overlap)[:5]}")
-    return train, val
-
-
 def train(cfg: TrainConfig, events=None) -> Path:
     """Train (or with ``cfg.init_from`` adapt) a model; returns its folder. ``events(kind, **fields)``, if given,
     receives what the worker protocol reports (``gms train --progress json``) instead of the log lines on stdout:
@@ -292,7 +267,7 @@ def train(cfg: TrainConfig, events=None) -> Path:
     if base is not None:
         cfg, adapt_note = _keep_base_validation(cfg, base.card, root)
     layout = detect_layout(root)
-    train_names, val_names = _split_names(cfg, root, layout)
+    train_names, val_names = split_names(root, **{k: getattr(cfg, k) for k in SPLIT_SETTINGS})
     # the segments (adapting: the model's unless given) and their check against the masks, before anything is written
     chosen = training_segments(cfg.segments, cfg.label_values, layout, base.card if base is not None else None)
     check_against_masks(chosen, root, layout, train_names + val_names)
