@@ -17,9 +17,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
 
 
 def child(a) -> None:

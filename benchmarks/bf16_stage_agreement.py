@@ -16,19 +16,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
-
-from GMSSegmentLib.allocator import keep_freed_memory  # noqa: E402
-from GMSSegmentLib.data import find_image  # noqa: E402
-from GMSSegmentLib.imageio import read_image  # noqa: E402
-from GMSSegmentLib.model import load_model, resolve_model_path  # noqa: E402
-from GMSSegmentLib.pipeline import SliceSegmenter, segment_array  # noqa: E402
+from GMSSegmentLib.allocator import keep_freed_memory
+from GMSSegmentLib.data import find_image
+from GMSSegmentLib.imageio import read_image
+from GMSSegmentLib.model import load_model, resolve_model_path
+from GMSSegmentLib.pipeline import SliceSegmenter, segment_array
 
 ARMS = {"fp32": (), "encoder": ("encoder",), "lmm": ("lmm",), "decoder": ("decoder",),
         "all (--precision bf16)": ("encoder", "lmm", "decoder")}

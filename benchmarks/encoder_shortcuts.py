@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
-
-from GMSSegmentLib.allocator import keep_freed_memory  # noqa: E402
-from GMSSegmentLib.benchmark import stack_slice  # noqa: E402
-from GMSSegmentLib.data import find_image  # noqa: E402
-from GMSSegmentLib.model import load_model, resolve_model_path  # noqa: E402
-from GMSSegmentLib.normalization import apply_range, intensity_range  # noqa: E402
-from GMSSegmentLib.pipeline import SliceSegmenter, to_model_input  # noqa: E402
+from GMSSegmentLib.allocator import keep_freed_memory
+from GMSSegmentLib.benchmark import stack_slice
+from GMSSegmentLib.data import find_image
+from GMSSegmentLib.model import load_model, resolve_model_path
+from GMSSegmentLib.normalization import apply_range, intensity_range
+from GMSSegmentLib.pipeline import SliceSegmenter, to_model_input
 
 SCREEN_SIZES = (112, 96, 64)
 THRESHOLDS = (0.1, 0.2, 0.3)

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,7 +51,7 @@ def main(argv=None) -> int:
         script = Path(tmp) / "stand_in_worker.py"
         script.write_text(STAND_IN)
         stand_in = Path(tmp) / "python"
-        stand_in.write_text(f"#!/bin/sh\nPYTHONPATH={ENGINE} exec {sys.executable} {script} \"$@\"\n")
+        stand_in.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
         stand_in.chmod(0o755)
         logic = L.SegmentationLogic(scene=scene, tempRoot=tmp)
         logic.pythonExecutable = str(stand_in)
@@ -83,7 +81,6 @@ def main(argv=None) -> int:
     return 0
 
 
-ENGINE = Path(__file__).resolve().parents[1] / "GMSSegment"
 STAND_IN = """
 import json, sys
 import numpy as np

@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
-
-from GMSSegmentLib.allocator import keep_freed_memory  # noqa: E402
+from GMSSegmentLib.allocator import keep_freed_memory
 
 
 def timed(f, repeats: int) -> float:

@@ -16,19 +16,15 @@ compilation itself, minutes, is timed separately).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
-
-from GMSSegmentLib.allocator import keep_freed_memory  # noqa: E402
-from GMSSegmentLib.model import load_model  # noqa: E402
-from GMSSegmentLib.modelpaths import resolve_model_path  # noqa: E402
-from GMSSegmentLib.pipeline import cpu_has_fast_bf16, train_autocast  # noqa: E402
-from GMSSegmentLib.train import step_loss  # noqa: E402
+from GMSSegmentLib.allocator import keep_freed_memory
+from GMSSegmentLib.model import load_model
+from GMSSegmentLib.modelpaths import resolve_model_path
+from GMSSegmentLib.pipeline import cpu_has_fast_bf16, train_autocast
+from GMSSegmentLib.train import step_loss
 
 
 def main():
