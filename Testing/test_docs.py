@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "Resources" / "Models").glob("*.md")), *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "Resources" / "Models").glob("*.md")), *sorted((ROOT / "docs").glob("*.md")),
+         ROOT / "benchmarks" / "README.md", ROOT / "experiments" / "README.md"]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 

@@ -11,7 +11,7 @@
     it runs at any latent size), each decoded image is resized to the model's size and averaged with the others
     (busi-lesion weights of bc36ff8, 2026-11-22, on its validation part: 0.7841 at 224 alone, 0.7944 at 256 alone,
     0.8057 for both; kvasir-polyp, one view: 0.8900 at 224, 0.9010 at 288, 0.8879 at 320, 0.8915 for 224 + 256,
-    0.9053 for 224 + 256 + 288, 0.9049 with 320 as well; benchmarks/tta_scales_trial.py). ``tta_scale_sets`` lists the sets
+    0.9053 for 224 + 256 + 288, 0.9049 with 320 as well; experiments/tta_scales_trial.py). ``tta_scale_sets`` lists the sets
     ``gms postprocess`` tries. Absent = the model's input size only.
 
 ``z_smooth`` (3D models only): weight ``w`` of each neighbouring slice when the decoded images are averaged along the

@@ -3,7 +3,7 @@ ingredient alone, the uniform average of all, and a greedy average (ingredients 
 the average's validation Dice does not fall), all by one plain pass at the model's input size, as ``gms evaluate
 --no-tta --no-postprocess --resolution model`` scores it. Writes the uniform and the greedy average as model folders.
 
-    python benchmarks/greedy_soup.py ../shared/data/kvasir-seg -o runs/soup --weights-dir ../shared/models \\
+    python experiments/greedy_soup.py ../shared/data/kvasir-seg -o runs/soup --weights-dir ../shared/models \\
         --ingredients kvasir-polyp runs/kv16/kvasir-ft.work/last.pt runs/kv18/kvasir-swa.work/epoch-0008.pt ...
 
 Ingredients are whatever ``gms average`` takes (model folders, installed names, last.pt, epoch-NNNN.pt).
@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
-
-from GMSSegmentLib.average import average_models, load_ingredient  # noqa: E402
-from GMSSegmentLib.evaluate import evaluate, validation_cases  # noqa: E402
+from GMSSegmentLib.average import average_models, load_ingredient
+from GMSSegmentLib.evaluate import evaluate, validation_cases
 
 
 def score(folder: Path, root: Path, weights_dir, cases) -> float:

@@ -3,23 +3,20 @@ as the training cache resizes them) for one or more models, on validation latent
 latents rounded to fp16 (how the training cache stores them). Compare with the plain pass (``1_views/none``) of the
 option table that ``gms postprocess`` / ``gms train`` print, which goes through the inference path.
 
-    python benchmarks/validation_paths.py ../shared/data/kvasir-seg --models kvasir-polyp --weights-dir ../shared/models
+    python experiments/validation_paths.py ../shared/data/kvasir-seg --models kvasir-polyp --weights-dir ../shared/models
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
-
-from GMSSegmentLib.autoencoders import load_foundation  # noqa: E402
-from GMSSegmentLib.evaluate import validation_cases  # noqa: E402
-from GMSSegmentLib.model import GMSModel, resolve_model_path  # noqa: E402
-from GMSSegmentLib.pipeline import to_model_input  # noqa: E402
-from GMSSegmentLib.train import _resize_labels, load_2d, validate  # noqa: E402
+from GMSSegmentLib.autoencoders import load_foundation
+from GMSSegmentLib.evaluate import validation_cases
+from GMSSegmentLib.model import GMSModel, resolve_model_path
+from GMSSegmentLib.pipeline import to_model_input
+from GMSSegmentLib.train import _resize_labels, load_2d, validate
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ per segment with its standard error (as ``benchmarks/paired_difference.py`` prin
 
 This measures the optimism of a selection protocol; nothing here chooses or ships weights.
 
-    python benchmarks/checkpoint_selection.py ../shared/data/busi --run runs/busi-s3 --weights-dir ../shared/models \\
+    python -m experiments.checkpoint_selection ../shared/data/busi --run runs/busi-s3 --weights-dir ../shared/models \\
         --threads 2 --csv busi-s3-selection.csv [--every 2] [--from-epoch 10]
 """
 from __future__ import annotations
@@ -17,17 +17,14 @@ import csv
 import io
 import json
 import re
-import sys
 import tempfile
 from contextlib import redirect_stdout
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
-
-from GMSSegmentLib.allocator import keep_freed_memory  # noqa: E402
-from GMSSegmentLib.average import load_ingredient  # noqa: E402
-from GMSSegmentLib.evaluate import evaluate  # noqa: E402
-from paired_difference import describe, differences, read  # noqa: E402  (beside this script)
+from GMSSegmentLib.allocator import keep_freed_memory
+from GMSSegmentLib.average import load_ingredient
+from GMSSegmentLib.evaluate import evaluate
+from benchmarks.paired_difference import describe, differences, read
 
 
 def snapshots(run: Path, every: int, from_epoch: int, selected: int | None) -> list[tuple[int, Path]]:

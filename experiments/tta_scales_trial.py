@@ -4,7 +4,7 @@ the largest-component post-processing. Validation cases only (the ones the model
 This trial settled the option set that `gms postprocess` chooses from (the model's size, that plus ~8/7, and one more
 such step: 224, 256, 288; the third since 171522f, 2026-12-05, from kvasir-polyp's figures).
 
-    python benchmarks/tta_scales_trial.py ../shared/data/busi --model busi-lesion --sizes 224 192 256 288
+    python experiments/tta_scales_trial.py ../shared/data/busi --model busi-lesion --sizes 224 192 256 288
 """
 from __future__ import annotations
 
@@ -18,16 +18,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
-
-from GMSSegmentLib.data import find_image, load_mask  # noqa: E402
-from GMSSegmentLib.evaluate import _resize_image, validation_cases  # noqa: E402
-from GMSSegmentLib.imageio import read_image  # noqa: E402
-from GMSSegmentLib.metrics import dice  # noqa: E402
-from GMSSegmentLib.model import load_model, resolve_model_path  # noqa: E402
-from GMSSegmentLib.normalization import apply_range, intensity_range  # noqa: E402
-from GMSSegmentLib.pipeline import SliceSegmenter, to_model_input  # noqa: E402
-from GMSSegmentLib.postprocess import keep_largest_component  # noqa: E402
+from GMSSegmentLib.data import find_image, load_mask
+from GMSSegmentLib.evaluate import _resize_image, validation_cases
+from GMSSegmentLib.imageio import read_image
+from GMSSegmentLib.metrics import dice
+from GMSSegmentLib.model import load_model, resolve_model_path
+from GMSSegmentLib.normalization import apply_range, intensity_range
+from GMSSegmentLib.pipeline import SliceSegmenter, to_model_input
+from GMSSegmentLib.postprocess import keep_largest_component
 
 
 def main():

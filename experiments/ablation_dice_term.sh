@@ -3,7 +3,7 @@
 # samples per batch) against latent MSE only, on BUSI, with the same 20-minute budget, the same latent cache and one
 # thread each (run it beside other work on a 2-core machine, or alone: both arms get the same conditions).
 # Prints the validation history of each arm and the test DSC / IoU at 224x224 (the paper's protocol).
-#   bash benchmarks/ablation_dice_term.sh [OUT_DIR] [MINUTES]
+#   bash experiments/ablation_dice_term.sh [OUT_DIR] [MINUTES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/ablation}

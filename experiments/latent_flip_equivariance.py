@@ -2,7 +2,7 @@
 augmentation. For each image: relative L2 distance between E(flip(x)) and flip(E(x)) (0 = equivariant), and the mean
 absolute difference between decode(flip(z)) and flip(decode(z)) in [0, 1] pixel units.
 
-    python benchmarks/latent_flip_equivariance.py ../shared/data/busi --weights-dir ../shared/models --images 4
+    python experiments/latent_flip_equivariance.py ../shared/data/busi --weights-dir ../shared/models --images 4
 """
 from __future__ import annotations
 
@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
-
-from GMSSegmentLib.autoencoders import load_foundation  # noqa: E402
-from GMSSegmentLib.data import find_image, read_split  # noqa: E402
-from GMSSegmentLib.imageio import read_image  # noqa: E402
-from GMSSegmentLib.normalization import apply_range, intensity_range  # noqa: E402
-from GMSSegmentLib.pipeline import to_model_input  # noqa: E402
+from GMSSegmentLib.autoencoders import load_foundation
+from GMSSegmentLib.data import find_image, read_split
+from GMSSegmentLib.imageio import read_image
+from GMSSegmentLib.normalization import apply_range, intensity_range
+from GMSSegmentLib.pipeline import to_model_input
 
 OPS = {"hflip": lambda t: t.flip(-1), "vflip": lambda t: t.flip(-2), "rot90": lambda t: t.rot90(1, (-2, -1))}
 

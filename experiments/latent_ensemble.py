@@ -5,7 +5,7 @@ averages the predicted mask latents and decodes once, so it costs one encoder an
 number of members (the LMM is small beside TAEF2). Prints each model alone and every combination of two or more,
 all by one plain pass at the input size, as ``gms evaluate --no-tta --no-postprocess --resolution model`` scores it.
 
-    python benchmarks/latent_ensemble.py ../shared/data/busi --weights-dir ../shared/models \\
+    python -m experiments.latent_ensemble ../shared/data/busi --weights-dir ../shared/models \\
         --models busi-lesion old/busi-s3 runs/busi15/busi-lesion
 
 Models are model folders or installed names of one foundation model and input size.
@@ -20,13 +20,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "GMSSegment"))
-
-from GMSSegmentLib import pipeline  # noqa: E402
-from GMSSegmentLib.evaluate import validation_cases  # noqa: E402
-from GMSSegmentLib.model import GMSModel  # noqa: E402
-from GMSSegmentLib.modelpaths import resolve_model_path  # noqa: E402
-from greedy_soup import score as plain_pass_dice  # noqa: E402  (this folder is on sys.path when run as a script)
+from GMSSegmentLib import pipeline
+from GMSSegmentLib.evaluate import validation_cases
+from GMSSegmentLib.model import GMSModel
+from GMSSegmentLib.modelpaths import resolve_model_path
+from experiments.greedy_soup import score as plain_pass_dice
 
 #: the members beside the evaluated model (its own LMM comes first); set per combination
 EXTRA: list[GMSModel] = []
