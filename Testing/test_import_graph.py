@@ -1,6 +1,6 @@
 """The engine's modules import each other without a cycle: the graph of the imports that run when a module is loaded
-(module level, class bodies and module-level if/try included; function bodies and ``if TYPE_CHECKING:`` blocks
-excluded), read from the source of every module of GMSSegmentLib (subpackages included) with ast."""
+(module level, class bodies and module-level if/try included; ``if TYPE_CHECKING:`` blocks excluded), and also with the
+imports inside functions, read from the source of every module of GMSSegmentLib (subpackages included) with ast."""
 import ast
 from pathlib import Path
 
@@ -19,27 +19,29 @@ def _is_type_checking(node: ast.AST) -> bool:
                                          or getattr(test, "attr", None) == "TYPE_CHECKING")
 
 
-def _load_time_imports(tree: ast.Module):
-    """The Import / ImportFrom nodes that run when the module is loaded."""
+def _load_time_imports(tree: ast.Module, functions: bool = False):
+    """The Import / ImportFrom nodes that run when the module is loaded (``functions``: and those inside functions,
+    which run when the function is first called)."""
     todo = list(tree.body)
     while todo:
         node = todo.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) or _is_type_checking(node):
+        if _is_type_checking(node) or (
+                not functions and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))):
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
         todo.extend(ast.iter_child_nodes(node))
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> the engine modules it imports at load time (``from . import x`` counts as module x when x is one,
-    else as the package itself)."""
+def import_graph(functions: bool = False) -> dict[str, set[str]]:
+    """module -> the engine modules it imports at load time (``functions``: or in a function; ``from . import x``
+    counts as module x when x is one, else as the package itself)."""
     files = {_module_name(p): p for p in ROOT.rglob("*.py")}
     graph = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets = set()
-        for node in _load_time_imports(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _load_time_imports(ast.parse(path.read_text(encoding="utf-8")), functions):
             if isinstance(node, ast.Import):
                 targets |= {a.name for a in node.names}
                 continue
@@ -79,6 +81,12 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_engine_modules_import_without_a_cycle():
     graph = import_graph()
     assert "GMSSegmentLib.train" in graph and "GMSSegmentLib.data" in graph["GMSSegmentLib.train"]  # it reads them
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_engine_modules_import_without_a_cycle_also_through_function_local_imports():
+    graph = import_graph(functions=True)
+    assert "GMSSegmentLib.train" in graph["GMSSegmentLib.cli"]  # cli imports train inside cmd_train: it reads those
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 

@@ -27,6 +27,7 @@ import time
 from typing import Callable, Iterator
 
 from . import GMSError
+from .errortext import one_line
 
 __all__ = ["atomic_output", "atomic_write", "write_failed", "new_temp_file", "remove_stale_temp_files", "is_temp_name",
            "STALE_AFTER_S"]
@@ -40,14 +41,10 @@ _cleaned: set[str] = set()  # folders this process has removed stale temporary f
 _NO_SYNC = {errno.EINVAL, getattr(errno, "ENOTSUP", -1), getattr(errno, "EOPNOTSUPP", -1)}
 
 
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
-
-
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return _one_line(exc) or type(exc).__name__
+    return one_line(exc, limit=None) or type(exc).__name__
 
 
 def _exists_error(dest: str) -> GMSError:
@@ -190,7 +187,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], object], *, ov
         except (OSError, GMSError):
             raise
         except Exception as e:
-            raise write_failed(dest, _one_line(e)) from e
+            raise write_failed(dest, one_line(e, limit=None)) from e
 
 
 def write_failed(dest: str, reason: str) -> GMSError:

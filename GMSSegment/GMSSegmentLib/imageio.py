@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import GMSError
+from .errortext import one_line, sitk_reason
 from .inputcheck import read_verified
 
 __all__ = [
@@ -46,19 +46,6 @@ __all__ = [
 ]
 
 
-def _one_line(text: Any, limit: int = 300) -> str:
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
-def _sitk_reason(exc: BaseException) -> str:
-    """The useful part of a SimpleITK/ITK exception message, on one line."""
-    msg = _one_line(exc, limit=10_000)
-    for marker in ("ERROR:", "Description:"):
-        if marker in msg:
-            msg = msg.rsplit(marker, 1)[1].strip()
-    msg = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", msg)  # "PNGImageIO(0x55d...): " prefix
-    return _one_line(msg, limit=200) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------------- geometry
@@ -146,7 +133,7 @@ class Geometry:
                 direction=tuple(d["direction"]),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise GMSError(f"invalid geometry description: {_one_line(e)}") from e
+            raise GMSError(f"invalid geometry description: {one_line(e)}") from e
 
     # -- array-ordered views
     @property
@@ -255,13 +242,13 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         if os.path.getsize(p) == 0:
             raise GMSError(f"cannot read image {p}: the file is empty")
     except OSError as e:
-        raise GMSError(f"cannot read image {p}: {_one_line(e.strerror or e)}") from e
+        raise GMSError(f"cannot read image {p}: {one_line(e.strerror or e)}") from e
     try:
         img = read_verified(p)  # also refuses truncated/damaged data, NaN/Inf and what memory cannot hold
     except RuntimeError as e:
-        raise GMSError(f"cannot read image {p}: {_sitk_reason(e)}") from e
+        raise GMSError(f"cannot read image {p}: {sitk_reason(e)}") from e
     except OSError as e:  # pragma: no cover - permission problems surface as RuntimeError in SimpleITK
-        raise GMSError(f"cannot read image {p}: {_one_line(e)}") from e
+        raise GMSError(f"cannot read image {p}: {one_line(e)}") from e
 
     dim = img.GetDimension()
     size = tuple(img.GetSize())
@@ -285,7 +272,7 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     try:
         geometry = Geometry.from_sitk(img)
     except ValueError as e:
-        raise GMSError(f"{p}: invalid image geometry: {_one_line(e)}") from e
+        raise GMSError(f"{p}: invalid image geometry: {one_line(e)}") from e
 
     raw = sitk.GetArrayViewFromImage(img)  # (Y, X[, C]) or (Z, Y, X[, C])
     pixel_type = raw.dtype.name

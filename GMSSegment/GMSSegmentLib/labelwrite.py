@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from . import GMSError
 from .atomicfile import atomic_output, write_failed
+from .errortext import sitk_reason
 from .inputcheck import check_stored_data
 
 if TYPE_CHECKING:
@@ -268,7 +269,7 @@ def write_image(img: sitk.Image, path: str | os.PathLike, *, compress: bool = Fa
         try:
             sitk.WriteImage(img, tmp, useCompression=compress)
         except RuntimeError as e:
-            raise write_failed(dest, _sitk_reason(e).replace(tmp, dest)) from None
+            raise write_failed(dest, sitk_reason(e).replace(tmp, dest)) from None
     return os.path.abspath(dest)
 
 
@@ -281,7 +282,7 @@ def _check_written(tmp: str, dest: str, img: sitk.Image) -> None:
     try:
         back = sitk.ReadImage(tmp)
     except RuntimeError as e:
-        reason = _sitk_reason(e).replace(tmp, dest)
+        reason = sitk_reason(e).replace(tmp, dest)
         raise write_failed(dest, f"the written file does not read back ({reason})") from None
     if (back.GetSize() != img.GetSize()
             or back.GetNumberOfComponentsPerPixel() != img.GetNumberOfComponentsPerPixel()
@@ -292,8 +293,3 @@ def _check_written(tmp: str, dest: str, img: sitk.Image) -> None:
     except GMSError as e:
         raise write_failed(dest, str(e).replace(f"{tmp}: ", "", 1).replace(tmp, dest)) from None
 
-
-def _sitk_reason(exc: BaseException) -> str:
-    from .imageio import _sitk_reason as reason  # imageio re-exports this module: import it only when needed
-
-    return reason(exc)
