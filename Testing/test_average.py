@@ -126,3 +126,31 @@ def test_train_keeps_snapshots_to_average(busi_dir, tmp_path):
     p = run_gms("--threads", "2", "train", busi_dir, "-o", tmp_path / "bad", "--segments", "lesion",
                 "--keep-every", "-1")
     assert p.returncode == 2 and "--keep-every must be" in p.stderr and not (tmp_path / "bad").exists()
+
+
+class _RunsCode:
+    """Pickled, it calls open(marker, "w") when loaded: a checkpoint that would run code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_average_refuses_a_code_running_or_damaged_checkpoint_in_one_line(tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran.txt"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"ema": _RunsCode(marker)}))
+    damaged = tmp_path / "damaged.pt"
+    torch.save({"ema": {"w": torch.zeros(64)}}, damaged)
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    for checkpoint, reason in ((evil, "refused to load training checkpoint"),
+                               (damaged, "cannot load training checkpoint")):
+        out = tmp_path / f"avg-{checkpoint.stem}"
+        p = run_gms("average", "busi-lesion", checkpoint, "-o", out)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"gms: error: {reason} "), p.stderr
+        assert not out.exists() and not marker.exists()

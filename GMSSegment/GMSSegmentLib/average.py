@@ -20,6 +20,7 @@ import torch
 from . import GMSError
 from .model import STATS, WEIGHTS, GMSModel
 from .modelpaths import resolve_model_path
+from .torchload import load_weights_only
 from .weights import sha256_file
 
 # card entries that must agree between ingredients (the statistics and the LMM's tensors are checked separately)
@@ -41,10 +42,7 @@ def load_ingredient(source) -> tuple[GMSModel, dict]:
     if p.is_file():
         if p.suffix != ".pt":
             raise GMSError(f"{p}: not a model folder or a training checkpoint (last.pt, epoch-NNNN.pt)")
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file
-            raise GMSError(f"cannot read training checkpoint {p}: {e}") from None
+        state = load_weights_only(p, "training checkpoint")  # a refused, truncated or foreign file: one line
         if not isinstance(state, dict):
             raise GMSError(f"{p} is not a GMS training checkpoint")
         # the run's model folder: recorded in the checkpoint, else the default <output> beside <output>.work

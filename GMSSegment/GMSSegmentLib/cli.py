@@ -27,9 +27,9 @@ def _on_sigterm(signum, frame):  # turn SIGTERM into an exception so that tempor
 
 
 def _threads(n: int | None):
-    import torch
+    if n:  # torch is imported only when needed: a refused input or output is answered without loading it
+        import torch
 
-    if n:
         torch.set_num_threads(n)
 
 

@@ -4,6 +4,7 @@ line naming the file (PyTorch's own message for a refused pickle spans lines and
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +17,9 @@ __all__ = ["load_weights_only"]
 def load_weights_only(path: str | Path, what: str):
     """``torch.load(path, map_location="cpu", weights_only=True)``; ``what`` names the file in errors."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the file is judged below, in one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise GMSError(f"refused to load {what} {path}: the file holds objects other than tensors (a pickle that "
                        "could run code)") from None
