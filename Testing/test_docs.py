@@ -58,5 +58,5 @@ def test_local_links_resolve(page):
 def test_pages_name_commits_not_sessions(page):
     """Figures are dated or named by commit ("2026-12-05, 37547c8"), never by the work session that produced them."""
     found = [f"{n}: {line.strip()[:100]}" for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
-             if re.search(r"\b(sessions?[ -]\d|this session|the session's)", line, re.IGNORECASE)]
+             if re.search(r"\b(sessions?[ -]\d|this\s+session|the session's)", line, re.IGNORECASE)]
     assert not found, f"{page.relative_to(ROOT)} speaks of sessions:\n" + "\n".join(found)
