@@ -303,3 +303,17 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
 # The write path lives in its own modules; re-exported here so callers keep importing it from imageio.
 from .atomicfile import atomic_output  # noqa: E402,F401
 from .labelwrite import DEFAULT_SEGMENT_COLORS, SUPPORTED_OUTPUT_EXTENSIONS, output_format, write_labels  # noqa: E402,F401
+
+
+def read_stored(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """An image file's voxels as stored and its geometry, for the Slicer side (volumes and label maps it loads).
+
+    The array keeps the stored type and every component: ``(Z, Y, X)`` or ``(Z, Y, X, C)``, Z = 1 for a 2D image.
+    The file passes the same checks before decoding as in :func:`read_image`, but none of its checks on the content
+    (a constant label map is fine here)."""
+    p = os.fspath(path)
+    img = read_verified(p)
+    array = sitk.GetArrayFromImage(img)
+    if img.GetDimension() == 2:
+        array = array[np.newaxis]
+    return array, Geometry.from_sitk(img)
