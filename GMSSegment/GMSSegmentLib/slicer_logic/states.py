@@ -1,0 +1,56 @@
+"""The states of a job and of each of its volumes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class JobState:
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # every volume segmented and imported
+    PARTIAL = "partial"  # batch: some volumes succeeded, some failed
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    FINISHED = (SUCCEEDED, PARTIAL, FAILED, CANCELLED)
+
+
+class TaskState:
+    PENDING = "pending"
+    RUNNING = "running"
+    SEGMENTED = "segmented"  # the worker reported a result; imported when the worker has exited
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class VolumeTask:
+    """One input volume of a job and what became of it."""
+
+    index: int
+    volumeNodeID: str
+    volumeName: str
+    inputPath: str
+    outputPath: str
+    targetSegmentationNodeID: str | None = None
+    state: str = TaskState.PENDING
+    message: str = ""
+    done: int = 0
+    total: int = 0
+    segments: list = field(default_factory=list)
+    segmentationNodeID: str | None = None  # where the result went
+    segmentIDs: list = field(default_factory=list)  # the segments added by this job
+    createdSegmentationNode: bool = False
+
+    @property
+    def fraction(self) -> float:
+        if self.state in (TaskState.SEGMENTED, TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED):
+            return 1.0
+        return self.done / self.total if self.total else 0.0
+
+
+def _int(value, default: int) -> int:
+    """An integer field of a worker event or a model card; ``default`` when it is missing or not a number."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
