@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import GMSError, __version__
 from .allocator import keep_freed_memory
+from .formats import default_output_extension, split_extension
 from .reporting import Reporter
 
 
@@ -34,16 +35,12 @@ def _threads(n: int | None):
 
 
 def default_output(input_path: str, out_dir: Path | None, fmt: str | None) -> Path:
+    """``<stem>_gms<fmt>`` in ``out_dir`` (default: the input's folder); ``fmt`` None: the input's default output
+    format (:func:`formats.default_output_extension`)."""
     p = Path(input_path)
-    name = p.name
-    for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
-        if name.lower().endswith(ext):
-            stem, ext_in = name[: -len(ext)], ext
-            break
-    else:
-        stem, ext_in = p.stem, p.suffix
+    stem = split_extension(p)[0]
     if fmt is None:
-        fmt = ".png" if ext_in in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") else ".seg.nrrd"
+        fmt = default_output_extension(p)
     return (out_dir or p.parent) / f"{stem}_gms{fmt if fmt.startswith('.') else '.' + fmt}"
 
 

@@ -16,12 +16,11 @@ import SimpleITK as sitk
 from PIL import Image
 
 from . import GMSError
+from .formats import IMAGE_2D_EXTENSIONS, VOLUME_EXTENSIONS
 from .imageio import read_image
 from .inputcheck import read_verified
 from .normalization import DEFAULT as PHOTO, apply_range, intensity_range
 from .orientation import orientation_code, reorientation
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -83,7 +82,7 @@ def split_names(root: Path, train_list: str = "train", val_list: str | None = No
 
 
 def find_image(root: Path, name: str) -> Path:
-    for ext in IMAGE_EXTS:
+    for ext in IMAGE_2D_EXTENSIONS:
         p = root / "images" / f"{name}{ext}"
         if p.is_file():
             return p
@@ -116,7 +115,7 @@ def load_2d(root: Path, name: str, label_values=(255,), normalization: dict | No
 
 
 def volume_path(root: Path, sub: str, case: str) -> Path:
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
+    for ext in VOLUME_EXTENSIONS:
         p = root / sub / f"{case}{ext}"
         if p.is_file():
             return p

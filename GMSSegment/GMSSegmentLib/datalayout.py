@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import GMSError
+from .formats import META_IMAGE_EXTENSIONS
 
 __all__ = ["DataLayout", "find_layout", "open_stream", "check_tiff", "check_jpeg_end"]
 
@@ -137,7 +138,7 @@ _META_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "
 def _meta_layout(path: str) -> DataLayout | None:
     """MetaImage (.mha/.mhd) with binary data, local or in one named file. MetaIO fails on a short read too, but
     only after printing its own lines to stderr and with a misleading reason; this says it in one line first."""
-    if not path.lower().endswith((".mha", ".mhd")):
+    if not path.lower().endswith(META_IMAGE_EXTENSIONS):
         return None
     head = _head(path, 1 << 16)
     fields: dict[str, str] = {}

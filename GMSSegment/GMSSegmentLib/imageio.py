@@ -11,14 +11,15 @@ Every image is handed around as a numpy array in SimpleITK/numpy index order: ``
 Reading (:func:`read_image`)
 ----------------------------
 PNG / JPEG / BMP / TIFF (8 or 16 bit, gray or RGB; an alpha channel is dropped) and NRRD / NIfTI / MHA volumes (scalar,
-or RGB). Anything the engine cannot segment raises :class:`GMSError` with a one-line message naming the file.
+or RGB): the extensions in :data:`.formats.INPUT_EXTENSIONS` (re-exported here). Anything the engine cannot segment
+raises :class:`GMSError` with a one-line message naming the file.
 
 Writing (:func:`write_labels`)
 ------------------------------
-``.nrrd``, ``.nii.gz``, ``.nii``, ``.mha``, ``.png`` (2D only) and ``.seg.nrrd`` (3D Slicer segmentation). Output is
-written to a hidden temporary file in the destination folder and moved into place with ``os.replace`` only when
-complete (:func:`atomic_output`), so a failed write never leaves a partial file, and an existing file is never
-replaced unless ``overwrite=True``.
+``.nrrd``, ``.nii.gz``, ``.nii``, ``.mha``, ``.png`` (2D only) and ``.seg.nrrd`` (3D Slicer segmentation;
+:data:`.formats.OUTPUT_EXTENSIONS`). Output is written to a hidden temporary file in the destination folder and moved
+into place with ``os.replace`` only when complete (:func:`atomic_output`), so a failed write never leaves a partial
+file, and an existing file is never replaced unless ``overwrite=True``.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import SimpleITK as sitk
 
 from . import GMSError
 from .errortext import one_line, sitk_reason
+from .formats import INPUT_EXTENSIONS  # noqa: F401  (re-exported: the files read_image is meant for)
 from .inputcheck import read_verified
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "write_labels",
     "atomic_output",
     "output_format",
+    "INPUT_EXTENSIONS",
     "SUPPORTED_OUTPUT_EXTENSIONS",
     "DEFAULT_SEGMENT_COLORS",
 ]

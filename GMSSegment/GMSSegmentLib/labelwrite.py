@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from . import GMSError
 from .atomicfile import atomic_output, write_failed
 from .errortext import sitk_reason
+from .formats import COMPRESSED_OUTPUT_EXTENSIONS, OUTPUT_EXTENSIONS, output_extension
 from .inputcheck import check_stored_data
 
 if TYPE_CHECKING:
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = ["write_labels", "write_image", "output_format", "SUPPORTED_OUTPUT_EXTENSIONS", "DEFAULT_SEGMENT_COLORS"]
 
-#: output extensions understood by :func:`write_labels` (longest first: ``.seg.nrrd`` before ``.nrrd``)
-SUPPORTED_OUTPUT_EXTENSIONS: tuple[str, ...] = (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".png")
+#: output extensions understood by :func:`write_labels` (the registry's, :data:`.formats.OUTPUT_EXTENSIONS`)
+SUPPORTED_OUTPUT_EXTENSIONS: tuple[str, ...] = OUTPUT_EXTENSIONS
 
 #: colours (r, g, b in 0..1) given to segments that have none, by label value 1, 2, ... (cycled)
 DEFAULT_SEGMENT_COLORS: tuple[tuple[float, float, float], ...] = (
@@ -42,10 +43,9 @@ DEFAULT_SEGMENT_COLORS: tuple[tuple[float, float, float], ...] = (
 
 def output_format(path: str | os.PathLike) -> str:
     """The output extension of ``path`` (one of :data:`SUPPORTED_OUTPUT_EXTENSIONS`), or :class:`GMSError`."""
-    low = os.fspath(path).lower()
-    for ext in SUPPORTED_OUTPUT_EXTENSIONS:
-        if low.endswith(ext) and len(os.path.basename(low)) > len(ext):
-            return ext
+    ext = output_extension(path)
+    if ext is not None:
+        return ext
     raise GMSError(
         f"unsupported output file type: {os.fspath(path)} (supported: {', '.join(SUPPORTED_OUTPUT_EXTENSIONS)})"
     )
@@ -256,7 +256,7 @@ def write_labels(
         img = sitk.GetImageFromArray(data.astype(_label_dtype(max_label), copy=False))
         geometry.apply(img)
 
-    return write_image(img, dest, compress=ext in (".nrrd", ".seg.nrrd", ".mha", ".nii.gz"), overwrite=overwrite)
+    return write_image(img, dest, compress=ext in COMPRESSED_OUTPUT_EXTENSIONS, overwrite=overwrite)
 
 
 def write_image(img: sitk.Image, path: str | os.PathLike, *, compress: bool = False, overwrite: bool = False) -> str:
