@@ -25,6 +25,7 @@ from GMSSegmentLib.allocator import keep_freed_memory
 from GMSSegmentLib.data import find_image
 from GMSSegmentLib.imageio import read_image
 from GMSSegmentLib.model import load_model, resolve_model_path
+from GMSSegmentLib.options import InferenceOptions
 from GMSSegmentLib.pipeline import SliceSegmenter, segment_array
 
 ARMS = {"fp32": (), "encoder": ("encoder",), "lmm": ("lmm",), "decoder": ("decoder",),
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         for arm, seg in segs.items():
             t0 = time.perf_counter()
             with _encoder_modules_in_bf16(m.foundation.encoder, modules[arm]):
-                masks[arm] = segment_array(m, img, segmenter=seg, postprocess={}).astype(bool)
+                masks[arm] = segment_array(m, img, InferenceOptions(postprocess={}), segmenter=seg).astype(bool)
             secs[arm] += time.perf_counter() - t0
         for arm in segs:
             inter[arm] += int((masks[arm] & masks["fp32"]).sum())

@@ -24,6 +24,7 @@ from pathlib import Path
 from GMSSegmentLib.allocator import keep_freed_memory
 from GMSSegmentLib.average import load_ingredient
 from GMSSegmentLib.evaluate import evaluate
+from GMSSegmentLib.options import InferenceOptions
 from benchmarks.paired_difference import describe, differences, read
 
 
@@ -45,8 +46,8 @@ def score(folder: Path, root: Path, list_name: str, weights_dir, csv_path: Path,
     """Mean DSC and IoU of one plain pass at the model's input size (the evaluate protocol; mean over segments), the
     per-case figures written to ``csv_path``."""
     with redirect_stdout(io.StringIO()):  # evaluate prints its table; the means are wanted here
-        s = evaluate(folder, root, list_name=list_name, resolution="model", weights_dir=weights_dir, device="cpu",
-                     tta=False, postprocess=False, csv_path=str(csv_path), limit=limit)
+        s = evaluate(folder, root, InferenceOptions.plain(), list_name=list_name, resolution="model",
+                     weights_dir=weights_dir, device="cpu", csv_path=str(csv_path), limit=limit)
     if "mean" not in s:  # one segment
         s = {"mean": next(iter(s.values()))}
     return {"dsc": s["mean"]["dice_mean"], "iou": s["mean"]["iou_mean"]}

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from GMSSegmentLib.average import average_models, load_ingredient
 from GMSSegmentLib.evaluate import evaluate, validation_cases
+from GMSSegmentLib.options import InferenceOptions
 
 
 def score(folder: Path, root: Path, weights_dir, cases) -> float:
     with redirect_stdout(io.StringIO()):  # evaluate prints its table; only the mean is wanted here
-        s = evaluate(folder, root, cases=cases, resolution="model", weights_dir=weights_dir, device="cpu",
-                     tta=False, postprocess=False)
+        s = evaluate(folder, root, InferenceOptions.plain(), cases=cases, resolution="model", weights_dir=weights_dir,
+                     device="cpu")
     return s["mean"]["dice_mean"] if "mean" in s else next(iter(s.values()))["dice_mean"]
 
 

@@ -81,15 +81,16 @@ def cmd_segment(args, rep: Reporter) -> int:
     if todo:  # PyTorch is imported only now
         from .imageio import read_image, write_labels
         from .model import load_model, resolve_model_path
-        from .pipeline import FastDecodeSettings, SliceSegmenter, pick_device, segment_array
+        from .options import InferenceOptions
+        from .pipeline import pick_device, segment_array, segmenter_for
 
         device = pick_device(args.device)
         model_dir = resolve_model_path(args.model)
         rep.log(f"model {model_dir} on {device}")
         model = load_model(model_dir, weights_dir=args.weights_dir, device=device,
                            progress=rep.download_progress("foundation weights"))
-        fast = FastDecodeSettings(enabled=not args.no_fast)
-        segmenter = SliceSegmenter(model, device, fast, tta=1 if args.no_tta else None, precision=args.precision)
+        options = InferenceOptions.from_args(args)
+        segmenter = segmenter_for(model, options, device)
         max_label = max((int(s["label"]) for s in model.segments), default=0)
     for i in todo:
         job = jobs[i]
@@ -107,10 +108,9 @@ def cmd_segment(args, rep: Reporter) -> int:
                     rep.start(total, desc=name, input=job["input"], **extra)
                 rep.progress(done, total, **extra)
 
-            labels = segment_array(model, img.array, axis=args.axis, batch_size=args.batch_size,
+            labels = segment_array(model, img.array, options, segmenter=segmenter,
                                    spacing_zyx=img.geometry.spacing_zyx, direction=img.geometry.direction,
-                                   log=lambda msg: rep.log(f"{name}: {msg}"), segmenter=segmenter, progress=progress,
-                                   postprocess={} if args.no_postprocess else None)
+                                   log=lambda msg: rep.log(f"{name}: {msg}"), progress=progress)
             rep.close_bar()
             present = [s for s in model.segments if (labels == s["label"]).any()]
             path = write_labels(job["output"], labels, img.geometry, model.segments, overwrite=args.overwrite)
@@ -146,22 +146,7 @@ def cmd_segment(args, rep: Reporter) -> int:
 def cmd_train(args, rep: Reporter) -> int:
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(
-        data=args.data, output=args.output, name=args.name, segments=args.segments,
-        label_values=args.label_values, input_size=args.input_size, axis=args.axis,
-        normalization=json.loads(args.normalization) if args.normalization else None,
-        foundation=json.loads(args.foundation) if args.foundation.strip().startswith("{") else {"name": args.foundation},
-        weights_dir=args.weights_dir, train_list=args.train_list, val_list=args.val_list,
-        val_fraction=args.val_fraction, max_train=args.max_train, max_val=args.max_val,
-        augment_copies=args.augment_copies, epochs=args.epochs, max_minutes=args.max_minutes,
-        batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, dice_samples=args.dice_samples, dice_heads=args.dice_heads,
-        latent_noise=args.latent_noise, precision=args.precision, compile=args.compile, ema=args.ema,
-        select_postprocess=not args.no_postprocess_select,
-        seed=args.seed, split_seed=args.split_seed, val_every=args.val_every, keep_every=args.keep_every,
-        cache_dir=args.cache_dir,
-        work_dir=args.work_dir, resume=not args.no_resume, licence=args.licence, citation=args.citation,
-        description=args.description, init_from=args.init_from)
+    cfg = TrainConfig.from_args(args)
     events = None
     if rep.mode == "json":  # the worker protocol: JSON lines instead of the plain log lines
         def events(kind, **fields):
@@ -179,11 +164,12 @@ def cmd_train(args, rep: Reporter) -> int:
 def cmd_evaluate(args, rep: Reporter) -> int:
     from .evaluate import evaluate
 
-    evaluate(args.model, args.data, list_name=args.list, cases=args.cases, csv_path=args.csv,
-             resolution=args.resolution, weights_dir=args.weights_dir, device=args.device,
-             batch_size=args.batch_size, fast=not args.no_fast, limit=args.limit, reporter=rep,
-             precision=args.precision, record=args.record, tta=not args.no_tta,
-             postprocess=not args.no_postprocess, command="gms " + " ".join(sys.argv[1:]) if args.record else None)
+    from .options import InferenceOptions
+
+    evaluate(args.model, args.data, InferenceOptions.from_args(args), list_name=args.list, cases=args.cases,
+             csv_path=args.csv, resolution=args.resolution, weights_dir=args.weights_dir, device=args.device,
+             limit=args.limit, reporter=rep, record=args.record,
+             command="gms " + " ".join(sys.argv[1:]) if args.record else None)
     return 0
 
 

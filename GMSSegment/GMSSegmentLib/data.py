@@ -56,7 +56,7 @@ def split_names(root: Path, train_list: str = "train", val_list: str | None = No
     """The training and validation cases of the data set at ``root`` (sorted names): split.json's list ``train_list``
     and its list ``val_list``, or without one a part ``val_fraction`` carved from the training list, deterministically
     by ``split_seed`` (None: ``seed``); each cut to its first ``max_train`` / ``max_val`` names when given. The
-    defaults are ``gms train``'s (``train.TrainConfig``)."""
+    defaults are ``gms train``'s (``options.TrainConfig``)."""
     split = read_split(root)
     if train_list not in split:
         raise GMSError(f"split.json of {root} has no list '{train_list}' (has {sorted(split)})")

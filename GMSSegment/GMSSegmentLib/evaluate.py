@@ -19,7 +19,8 @@ from .atomicfile import atomic_output, atomic_write
 from .imageio import read_image
 from .metrics import label_metrics
 from .model import CARD, load_model, resolve_model_path
-from .pipeline import FastDecodeSettings, SliceSegmenter, ViewCache, pick_device, segment_array_variants
+from .options import InferenceOptions
+from .pipeline import FastDecodeSettings, SliceSegmenter, ViewCache, pick_device, segment_array_variants, segmenter_for
 
 
 def _resize_image(arr: np.ndarray, size: int) -> np.ndarray:
@@ -32,19 +33,20 @@ def _resize_image(arr: np.ndarray, size: int) -> np.ndarray:
     return np.clip(r.numpy(), float(arr.min()), float(arr.max()))[None]
 
 
-def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution="native", weights_dir=None,
-             device="auto", batch_size=8, fast=True, limit=None, reporter=None, record=False, command=None,
-             precision="auto", tta=True, postprocess=True) -> dict:
-    """Metrics of ``model`` on a list of ``data``. ``tta=False``: one plain pass at the model's input size instead of
-    the card's test-time augmentation; ``postprocess=False``: none of the card's post-processing. Both default to
-    the card's choice, which is what ``gms segment`` and Slicer run."""
+def evaluate(model, data, options: InferenceOptions | None = None, *, list_name=None, cases=None, csv_path=None,
+             resolution="native", weights_dir=None, device="auto", limit=None, reporter=None, record=False,
+             command=None) -> dict:
+    """Metrics of ``model`` on a list of ``data``, segmented with ``options``. The default, the card's test-time
+    augmentation and post-processing, is what ``gms segment`` and Slicer run; ``InferenceOptions.plain()``: one
+    plain pass at the model's input size and no post-processing."""
+    options = options or InferenceOptions()
     root = Path(data)
     layout = detect_layout(root)
     dev = pick_device(device)
     model_dir = resolve_model_path(model)
     m = load_model(model_dir, weights_dir=weights_dir, device=dev)
-    seg = SliceSegmenter(m, dev, FastDecodeSettings(enabled=fast), precision=precision, tta=None if tta else 1)
-    variants = (None,) if postprocess else ({},)
+    seg = segmenter_for(m, options, dev)
+    variants = (options.postprocess,)
     if cases:
         names, list_name = list(cases), "given"
     else:
@@ -63,7 +65,8 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
     rows = []
     t0 = time.perf_counter()
     for k, name in enumerate(names):
-        (pred,), gt, spacing = _predict_case(m, seg, root, layout, name, resolution, batch_size, variants)
+        (pred,), gt, spacing = _predict_case(m, seg, root, layout, name, resolution, options.batch_size, variants,
+                                             axis=options.axis)
         met = label_metrics(pred, gt, seg_labels, spacing)
         for lab_v, v in met.items():
             rows.append({"case": name, "segment": seg_names[lab_v], "label": lab_v, **v,
@@ -72,8 +75,8 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
             reporter.progress(k + 1, len(names))
     secs = time.perf_counter() - t0
     summary = summarise(rows, seg_names)
-    options = ("" if tta else "/no-tta") + ("" if postprocess else "/no-postprocess")
-    print_table(rows, summary, model_dir, root, list_name, resolution + options, len(names), secs)
+    run_name = resolution + _options_name(options)
+    print_table(rows, summary, model_dir, root, list_name, run_name, len(names), secs)
     if csv_path:
         with atomic_output(csv_path, overwrite=True) as tmp:
             with open(tmp, "w", newline="") as f:
@@ -82,14 +85,29 @@ def evaluate(model, data, list_name=None, cases=None, csv_path=None, resolution=
                 w.writerows(rows)
         print(f"per-case metrics written to {csv_path}")
     if record:
-        _record(model_dir, root, list_name, resolution + options, len(names), summary, command)
+        _record(model_dir, root, list_name, run_name, len(names), summary, command)
     return summary
 
 
+def _options_name(options: InferenceOptions) -> str:
+    """How ``options`` differ from the card's choices, in evaluate's table and the card's metrics: '' (none),
+    '/no-tta', '/no-postprocess', '/no-tta/no-postprocess'; other explicit choices are spelled out."""
+    name = ""
+    if (options.tta, options.scales) == (1, None):
+        name += "/no-tta"
+    elif (options.tta, options.scales) != (None, None):
+        name += f"/{options.tta or 'card'}_views" + "".join(f"_{s}" for s in options.scales or ())
+    if options.postprocess is not None:
+        pp = options.postprocess
+        name += "/no-postprocess" if not pp else "/postprocess=" + json.dumps(pp, sort_keys=True, separators=(",", ":"))
+    return name
+
+
 def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, batch_size: int,
-                  variants=(None,)):
+                  variants=(None,), axis: int | None = None):
     """One case -> (predictions, ground truth, spacing or None), all in the card's label values: one prediction per
-    post-processing setting in ``variants`` (None: the card's), from one run of the network."""
+    post-processing setting in ``variants`` (None: the card's), from one run of the network (slicing a volume along
+    ``axis``, None: the card's)."""
     if layout == "2d":
         label_values = m.card.get("training", {}).get("label_values") or [s["label"] for s in m.segments]
         seg_labels = [s["label"] for s in m.segments]
@@ -104,7 +122,7 @@ def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, b
         return [p[0] for p in preds], np.array([0] + seg_labels, np.uint8)[gt], None
     img = read_image(volume_path(root, "imagesTr", name))
     gt = read_image(volume_path(root, "labelsTr", name)).array.astype(np.int32)
-    preds = segment_array_variants(m, img.array, list(variants), batch_size=batch_size, segmenter=seg,
+    preds = segment_array_variants(m, img.array, list(variants), batch_size=batch_size, axis=axis, segmenter=seg,
                                    spacing_zyx=img.geometry.spacing_zyx, direction=img.geometry.direction)
     return preds, gt, img.geometry.spacing_zyx
 

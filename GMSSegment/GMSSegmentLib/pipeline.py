@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import GMSError
 from .normalization import apply_range, intensity_range
+from .options import InferenceOptions
 from .orientation import to_model_orientation
 from .postprocess import (TTA_FLIPS, apply_postprocess, apply_view, undo_view, postprocess_settings, tta_scales, tta_views, z_smooth_weight,
                           z_smoothed)
@@ -326,38 +327,48 @@ def slice_order(n: int, stride: int) -> list[int]:
     return coarse
 
 
-def segment_array(model, array: np.ndarray, axis: int | None = None, batch_size: int = 8,
-                  device="cpu", fast: FastDecodeSettings | bool = True, progress=None, cancel=None,
-                  segmenter: SliceSegmenter | None = None, spacing_zyx=None,
-                  postprocess: dict | None = None, tta: int | None = None,
-                  direction=None, log=None) -> np.ndarray:
-    """Segment a (Z, Y, X) scalar or (Z, Y, X, 3) RGB array of raw intensities, slice-wise along ``axis`` (numpy order;
-    default: the model card's axis). Returns (Z, Y, X) uint8 label values from the card.
+def segmenter_for(model, options: InferenceOptions, device="cpu") -> SliceSegmenter:
+    """A SliceSegmenter for ``options``' test-time views and input sizes, precision and fast decoding."""
+    scales = list(options.scales) if options.scales is not None else None
+    return SliceSegmenter(model, device, options.fast, tta=options.tta, precision=options.precision, scales=scales)
+
+
+def segment_array(model, array: np.ndarray, options: InferenceOptions | None = None, *,
+                  segmenter: SliceSegmenter | None = None, device="cpu", spacing_zyx=None, direction=None,
+                  progress=None, cancel=None, log=None, **changes) -> np.ndarray:
+    """Segment a (Z, Y, X) scalar or (Z, Y, X, 3) RGB array of raw intensities, slice-wise along ``options.axis``
+    (numpy order; default: the model card's axis). Returns (Z, Y, X) uint8 label values from the card.
+
+    ``options``: an :class:`~.options.InferenceOptions` (None: the card's choices); keyword arguments named as its
+    fields change single options (``segment_array(model, array, postprocess={})``). ``segmenter``: a SliceSegmenter
+    to run (its test-time views, precision and fast settings then replace the options'); without one, one is made
+    for ``options`` on ``device``.
 
     With the fast settings' ``z_gap_mm`` and a known ``spacing_zyx``, slices are first segmented at a stride of at
     most ``z_gap_mm``; the slices between two coarse slices that are both empty are left empty without running the
     model (a structure must be thinner than ``z_gap_mm`` along the slicing axis to be missed).
 
     ``progress(done, total)`` is called after each batch; ``cancel()`` returning True stops with ``Cancelled``.
-    ``postprocess``: None applies the card's post-processing (see postprocess.py: largest component, and for 3D
-    models smoothing along the slicing axis), ``{}`` none, or explicit settings.
-    ``tta``: flip views when no ``segmenter`` is given (None = the card's choice, 1 = none).
+    ``options.postprocess``: None applies the card's post-processing (see postprocess.py: largest component, and for
+    3D models smoothing along the slicing axis), ``{}`` none, or explicit settings.
     ``direction``: the volume's row-major 3x3 ITK direction matrix. When the card records the training volumes'
     orientation (see orientation.py), the array is first permuted and flipped into it (``axis`` then counts in that
     orientation) and the labels are mapped back onto the input's grid; ``log(message)``, if given, is told so.
     """
-    return segment_array_variants(model, array, [postprocess], axis=axis, batch_size=batch_size, device=device,
-                                  fast=fast, progress=progress, cancel=cancel, segmenter=segmenter,
-                                  spacing_zyx=spacing_zyx, tta=tta, direction=direction, log=log)[0]
+    options = replace(options or InferenceOptions(), **changes)
+    return segment_array_variants(model, array, [options.postprocess], options, segmenter=segmenter, device=device,
+                                  spacing_zyx=spacing_zyx, direction=direction, progress=progress, cancel=cancel,
+                                  log=log)[0]
 
 
-def segment_array_variants(model, array: np.ndarray, variants: list, axis: int | None = None, batch_size: int = 8,
-                           device="cpu", fast: FastDecodeSettings | bool = True, progress=None, cancel=None,
-                           segmenter: SliceSegmenter | None = None, spacing_zyx=None, tta: int | None = None,
-                           direction=None, log=None) -> list[np.ndarray]:
+def segment_array_variants(model, array: np.ndarray, variants: list, options: InferenceOptions | None = None, *,
+                           segmenter: SliceSegmenter | None = None, device="cpu", spacing_zyx=None, direction=None,
+                           progress=None, cancel=None, log=None, **changes) -> list[np.ndarray]:
     """``segment_array`` for several post-processing settings at the cost of one: the network runs once and each
-    entry of ``variants`` (as ``postprocess`` there) gives one label map. Used to choose the settings on validation
-    cases."""
+    entry of ``variants`` (as ``options.postprocess`` there, which is not used here) gives one label map. Used to
+    choose the settings on validation cases."""
+    options = replace(options or InferenceOptions(), **changes)
+    axis, batch_size = options.axis, options.batch_size
     if array.ndim not in (3, 4):
         raise GMSError(f"expected a (Z, Y, X[, C]) array, got shape {array.shape}")
     if array.ndim == 4 and array.shape[-1] != 3:
@@ -370,7 +381,7 @@ def segment_array_variants(model, array: np.ndarray, variants: list, axis: int |
         raise GMSError(f"slicing axis must be 0, 1 or 2, got {axis}")
     settings = [postprocess_settings(model.card) if v is None else v for v in variants]
     weights = [z_smooth_weight(v, model.card) for v in settings]  # a bad weight fails here, before any work
-    seg = segmenter or SliceSegmenter(model, device, fast, tta=tta)
+    seg = segmenter or segmenter_for(model, options, device)
     reo = to_model_orientation(model.card, direction, array.shape)
     if reo is not None:
         if log is not None:

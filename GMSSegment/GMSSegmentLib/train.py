@@ -19,7 +19,7 @@ import shlex
 import time
 from collections import Counter
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,60 +34,12 @@ from .data import SPLIT_SETTINGS, detect_layout, load_2d, load_3d, split_names, 
 from .lmm import LatentMappingModel, LMMConfig
 from .model import STATS, WEIGHTS, GMSModel
 from .modelpaths import resolve_model_path
+from .options import TrainConfig
 from .pipeline import classify, to_model_input, train_autocast, training_precision
 from .trainsegments import check_against_masks, training_segments
 from .tensorfile import save_safetensors
 from .torchload import load_weights_only
 from .weights import sha256_file
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    output: str
-    name: str | None = None
-    segments: list[str] | None = None  # None: the --init-from model's, else ["lesion"] (see trainsegments.py)
-    label_values: list[int] | None = None  # values in the mask files, one per segment (None: the --init-from model's,
-    #                                        else 2D 255 for one segment, 1..n for several, 3D 1..n)
-    input_size: int | None = None  # None: the --init-from model's input size, else 224
-    axis: int | None = None  # slicing axis of 3D data; None: the --init-from model's, else 0
-    normalization: dict | None = None
-    foundation: dict = field(default_factory=lambda: {"name": "taef2"})
-    weights_dir: str | None = None
-    train_list: str = "train"
-    val_list: str | None = None  # a list in split.json used for selection; default: carve val_fraction from train
-    val_fraction: float = 0.1
-    max_train: int | None = None
-    max_val: int | None = None
-    augment_copies: int = 4
-    epochs: int = 100
-    max_minutes: float | None = None
-    batch_size: int = 8
-    lr: float = 2e-3
-    min_lr: float = 0.0  # the cosine ends at this fraction of lr (0: at 0, as the paper)
-    weight_decay: float = 0.01
-    warmup_epochs: int = 5
-    dice_samples: int = 2
-    dice_heads: int = 1  # the decoded-Dice term on the last N heads: 1 = the final head, 3 = heads 2-4 (the paper)
-    latent_noise: float = 0.0
-    select_postprocess: bool = True  # choose none / largest component on the validation cases at the end
-    precision: str = "auto"  # auto | bf16 | fp32 (autocast of the LMM, the decoded-Dice term and the encoding of the
-    #                          training cache; the validation cache and validation itself stay fp32)
-    ema: float = 0.0  # > 0: validate, select and save an exponential moving average of the weights with this decay
-    compile: bool = False  # torch.compile the LMM's training step (needs a C++ compiler; 1.5x per step here, 1-2 min compile)
-    seed: int = 0  # augmentation, shuffling and initialisation; also the validation carve unless split_seed is given
-    split_seed: int | None = None  # seed of the validation part carved from the training list (None: seed; adapting
-    #                                a model on its own data set: the carve the model was selected on)
-    val_every: int = 1
-    keep_every: int = 0  # also keep the (averaged) weights every N epochs as <work>/epoch-NNNN.pt, for gms average
-    cache_dir: str | None = None
-    work_dir: str | None = None
-    resume: bool = True
-    licence: str | None = None
-    citation: str | None = None
-    description: str | None = None
-    init_from: str | None = None  # a model (folder or installed name) whose LMM weights and latent statistics start
-    #                               the training: adapting it to new data instead of training from scratch
 
 
 def _log(msg: str, log_file: Path | None = None, echo: bool = True):
