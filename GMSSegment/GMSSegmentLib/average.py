@@ -19,6 +19,7 @@ import torch
 
 from . import GMSError
 from .model import STATS, WEIGHTS, GMSModel
+from .modelcard import ModelCard
 from .modelpaths import resolve_model_path
 from .torchload import load_weights_only
 from .weights import sha256_file
@@ -64,9 +65,9 @@ def load_ingredient(source) -> tuple[GMSModel, dict]:
         return model, ref
     folder = resolve_model_path(source)
     model = GMSModel.load(folder)
-    tr = model.card.get("training") or {}
-    ref = {"source": str(source), "kind": "model", "name": model.card.get("name"),
-           "version": model.card.get("version"), "selected_epoch": tr.get("selected_epoch"),
+    tr = model.card.training or {}
+    ref = {"source": str(source), "kind": "model", "name": model.card.name,
+           "version": model.card.version, "selected_epoch": tr.get("selected_epoch"),
            "sha256": sha256_file(folder / WEIGHTS)}
     return model, ref
 
@@ -75,17 +76,18 @@ def _check_compatible(models: list[GMSModel], refs: list[dict]) -> None:
     first, src0 = models[0], refs[0]["source"]
     for m, ref in zip(models[1:], refs[1:]):
         src = ref["source"]
-        if (m.card["foundation"].get("name")) != first.card["foundation"].get("name"):
+        if m.card.foundation.name != first.card.foundation.name:
             raise GMSError(f"cannot average {src0} and {src}: foundation models differ "
-                           f"('{first.card['foundation'].get('name')}' vs '{m.card['foundation'].get('name')}')")
-        theirs, ours = (m.card["foundation"].get("files"), first.card["foundation"].get("files"))
+                           f"('{first.card.foundation.name}' vs '{m.card.foundation.name}')")
+        theirs, ours = m.card.foundation.files, first.card.foundation.files
         if theirs and ours and theirs != ours:
             raise GMSError(f"cannot average {src0} and {src}: they were trained on different foundation model weights "
                            "(the SHA-256 in their cards differ), so their latents differ")
+        ours_d, theirs_d = first.card.to_dict(), m.card.to_dict()  # compared as written
         for key in SHARED_KEYS:
-            if m.card.get(key) != first.card.get(key):
+            if theirs_d.get(key) != ours_d.get(key):
                 raise GMSError(f"cannot average {src0} and {src}: the cards' '{key}' differ "
-                               f"({first.card.get(key)!r} vs {m.card.get(key)!r})")
+                               f"({ours_d.get(key)!r} vs {theirs_d.get(key)!r})")
         for key in STATS:
             if not torch.equal(getattr(m, key), getattr(first, key)):
                 raise GMSError(f"cannot average {src0} and {src}: their latent statistics ({key}) differ, so their "
@@ -122,17 +124,17 @@ def average_models(sources: list, output, weights: list[float] | None = None, na
             avg[k] = sum(wi * s[k].double() for wi, s in zip(w, states)).to(v.dtype)
     result = models[0]
     result.lmm.load_state_dict(avg)
-    card = dict(result.card)
+    card = ModelCard.from_dict(result.card.to_dict())  # a copy
     for key in ("tta", "postprocess"):
-        card.pop(key, None)
-    card["metrics"] = {}
+        card.drop(key)
+    card.metrics = {}
     if name:
-        card["name"] = name
+        card.name = name
     # data, split and training configuration stay (the validation cases are found from them); what describes the
     # first ingredient's own run and selected weights does not describe the average: each ingredient keeps its own
-    training = {k: v for k, v in (card.get("training") or {}).items() if k not in RUN_OUTCOME_KEYS}
+    training = {k: v for k, v in (card.training or {}).items() if k not in RUN_OUTCOME_KEYS}
     training["averaged_from"] = [{**r, "weight": round(wi, 6)} for r, wi in zip(refs, w)]
-    card["training"] = training
+    card.training = training
     result.card = card
     created = not out.exists()
     try:

@@ -100,7 +100,7 @@ def _child(args) -> int:
                          precision="fp32" if ref else args.precision)
     load_s = time.perf_counter() - t_load
     t0 = time.perf_counter()
-    axis = int(model.card.get("axis", 0)) if args.axis is None else args.axis
+    axis = model.card.slicing_axis if args.axis is None else args.axis
     labels = segment_array(model, img.array, axis=axis, segmenter=seg,
                            spacing_zyx=img.geometry.spacing_zyx,
                            batch_size=1 if ref else args.batch_size)

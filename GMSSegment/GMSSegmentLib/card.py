@@ -1,7 +1,7 @@
 """The model card (``card.json``): read and checked in this one place, once, when a model folder is loaded.
 
-Every field the engine reads is checked for its type and range here, so that a broken or hostile card is refused
-with one line naming the field (``model card <path>: 'segments[0].label' must be ...``) instead of a traceback deep in
+The result is a typed :class:`~.modelcard.ModelCard`. Every field the engine reads is checked for its type and range
+here, so that a broken or hostile card is refused with one line naming the field (``model card <path>: 'segments[0].label' must be ...``) instead of a traceback deep in
 inference, or a result: an empty segment list used to segment nothing and write an empty mask. Fields the engine only
 shows (description, licence, citation, metrics) are checked for their JSON type. Keys the engine does not know are
 kept as they are. No torch here: the Slicer side can check a card before PyTorch is installed.
@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from . import GMSError
+from .modelcard import ModelCard
 from .orientation import check_code
 
 FORMAT_VERSION = 1
@@ -224,7 +225,12 @@ def validate_card(card, where: str = "model card") -> dict:
     return card
 
 
-def load_card(path: str | Path) -> dict:
+def parse_card(card, where: str = "model card") -> ModelCard:
+    """Check a parsed card (see :func:`validate_card`) and return it as a :class:`ModelCard`."""
+    return ModelCard.from_dict(validate_card(card, where))
+
+
+def load_card(path: str | Path) -> ModelCard:
     """Read and check a ``card.json``; any problem is a one-line :class:`GMSError` naming the file and the field."""
     path = Path(path)
     try:
@@ -237,4 +243,4 @@ def load_card(path: str | Path) -> dict:
         raise GMSError(f"model card {path} is not valid JSON: nested too deeply") from None
     except json.JSONDecodeError as e:
         raise GMSError(f"model card {path} is not valid JSON: {e}") from None
-    return validate_card(card, f"model card {path}")
+    return parse_card(card, f"model card {path}")

@@ -91,7 +91,7 @@ def cmd_segment(args, rep: Reporter) -> int:
                            progress=rep.download_progress("foundation weights"))
         options = InferenceOptions.from_args(args)
         segmenter = segmenter_for(model, options, device)
-        max_label = max((int(s["label"]) for s in model.segments), default=0)
+        max_label = max(model.card.label_values, default=0)
     for i in todo:
         job = jobs[i]
         extra = {"item": i} if batch else {}
@@ -112,14 +112,15 @@ def cmd_segment(args, rep: Reporter) -> int:
                                    spacing_zyx=img.geometry.spacing_zyx, direction=img.geometry.direction,
                                    log=lambda msg: rep.log(f"{name}: {msg}"), progress=progress)
             rep.close_bar()
-            present = [s for s in model.segments if (labels == s["label"]).any()]
-            path = write_labels(job["output"], labels, img.geometry, model.segments, overwrite=args.overwrite)
+            present = [s for s in model.segments if (labels == s.label).any()]
+            path = write_labels(job["output"], labels, img.geometry, [s.to_dict() for s in model.segments],
+                                overwrite=args.overwrite)
             secs = time.perf_counter() - t0
             rep.emit("result", path=path, input=job["input"], seconds=round(secs, 3),
-                     segments=[{k: s[k] for k in ("name", "label", "color")} for s in model.segments],
-                     present=[s["name"] for s in present], **extra)
+                     segments=[{"name": s.name, "label": s.label, "color": s.color} for s in model.segments],
+                     present=[s.name for s in present], **extra)
             if rep.mode != "json":
-                names = ", ".join(s["name"] for s in present) or "nothing found"
+                names = ", ".join(s.name for s in present) or "nothing found"
                 print(f"{job['input']} -> {path} ({secs:.1f} s; {names})", flush=True)
             n_ok += 1
         except GMSError as e:
@@ -205,7 +206,7 @@ def cmd_info(args, rep: Reporter) -> int:
         print("bundled models:", ", ".join(bundled_models()) or "none")
         return 0
     m = GMSModel.load(resolve_model_path(args.model))
-    print(json.dumps({k: v for k, v in m.card.items() if k != "training" or args.full}, indent=2))
+    print(json.dumps({k: v for k, v in m.card.to_dict().items() if k != "training" or args.full}, indent=2))
     return 0
 
 

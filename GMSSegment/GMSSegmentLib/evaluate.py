@@ -19,6 +19,7 @@ from .atomicfile import atomic_output, atomic_write
 from .imageio import read_image
 from .metrics import label_metrics
 from .model import CARD, load_model, resolve_model_path
+from .modelcard import ModelCard, TTAOptions
 from .options import InferenceOptions
 from .pipeline import FastDecodeSettings, SliceSegmenter, ViewCache, pick_device, segment_array_variants, segmenter_for
 
@@ -58,10 +59,10 @@ def evaluate(model, data, options: InferenceOptions | None = None, *, list_name=
     if limit:
         names = names[:limit]
     train_cases = set(read_split(root).get("train", [])) if (root / "split.json").is_file() else set()
-    if list_name != "train" and set(names) & train_cases and m.card.get("training", {}).get("data") == root.name:
+    if list_name != "train" and set(names) & train_cases and (m.card.training or {}).get("data") == root.name:
         print(f"warning: {len(set(names) & train_cases)} evaluated cases are in the training list")
-    seg_labels = [s["label"] for s in m.segments]
-    seg_names = {s["label"]: s["name"] for s in m.segments}
+    seg_labels = m.card.label_values
+    seg_names = {s.label: s.name for s in m.segments}
     rows = []
     t0 = time.perf_counter()
     for k, name in enumerate(names):
@@ -109,8 +110,8 @@ def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, b
     post-processing setting in ``variants`` (None: the card's), from one run of the network (slicing a volume along
     ``axis``, None: the card's)."""
     if layout == "2d":
-        label_values = m.card.get("training", {}).get("label_values") or [s["label"] for s in m.segments]
-        seg_labels = [s["label"] for s in m.segments]
+        label_values = m.card.trained_label_values or m.card.label_values
+        seg_labels = m.card.label_values
         img = read_image(find_image(root, name))
         gt = load_mask(root, name, label_values)
         arr = img.array
@@ -127,11 +128,12 @@ def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, b
     return preds, gt, img.geometry.spacing_zyx
 
 
-def validation_cases(card: dict, root: Path) -> list[str]:
+def validation_cases(card: ModelCard | dict, root: Path) -> list[str]:
     """The validation cases the model was selected on (a split list, or the part carved from its training list)."""
-    tr = card.get("training") or {}
+    card = ModelCard.coerce(card)
+    tr = card.training or {}
     if tr.get("data") != root.name:
-        raise GMSError(f"model '{card.get('name')}' was trained on '{tr.get('data')}', not on {root}: its validation "
+        raise GMSError(f"model '{card.name}' was trained on '{tr.get('data')}', not on {root}: its validation "
                        "cases are not known")
     return split_names(root, **{k: tr["config"][k] for k in SPLIT_SETTINGS if k in tr["config"]})[1]
 
@@ -179,9 +181,9 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     views = ViewCache()  # each flip view at each input size is decoded once per case and shared by the options
     for seg in segs.values():
         seg.view_cache = views
-    seg_labels = [s["label"] for s in m.segments]
+    seg_labels = m.card.label_values
     resolution = "model" if layout == "2d" else "native"
-    smooth = Z_SMOOTH_CHOICES if int(m.card.get("dimension", 3)) == 3 else (0.0,)
+    smooth = Z_SMOOTH_CHOICES if m.card.is_3d else (0.0,)
     pps = [(z, lc) for z in smooth for lc in (False, True)]  # cheapest first
     variants = [{"z_smooth": z, "largest_component": lc} for z, lc in pps]
     options = [(v, tuple(sc), pp) for v, sc in passes for pp in pps]
@@ -212,9 +214,9 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
     pp = {"largest_component": lc, **({"z_smooth": z_smooth} if len(smooth) > 1 else {}), **common}
     tta = {"views": best[0], "scales": list(best[1]), **common}
 
-    def change(card):
-        card["postprocess"] = pp
-        card["tta"] = tta
+    def change(card: ModelCard):
+        card.postprocess = pp
+        card.tta = TTAOptions.from_dict(tta)
 
     _update_card(model_dir, change)
     print(f"test-time augmentation ({best[0]} flip view(s), input sizes {list(best[1])}) and post-processing "
@@ -248,11 +250,11 @@ def choose_option(options: list, scores: dict) -> tuple:
 
 
 def _update_card(model_dir: Path, change) -> None:
-    """Read the model's card, apply ``change(card)`` and write it back atomically."""
+    """Read the model's card, apply ``change(card)`` to its :class:`ModelCard` and write it back atomically."""
     card_path = model_dir / CARD
-    card = json.loads(card_path.read_text())
+    card = ModelCard.from_dict(json.loads(card_path.read_text()))  # checked when the model was loaded
     change(card)
-    atomic_write(card_path, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
+    atomic_write(card_path, lambda p: Path(p).write_text(json.dumps(card.to_dict(), indent=2) + "\n"))
 
 
 def _record(model_dir: Path, root: Path, list_name: str, resolution: str, n: int, summary: dict, command):
@@ -264,7 +266,11 @@ def _record(model_dir: Path, root: Path, list_name: str, resolution: str, n: int
                          for m, v in s.items()} for k, s in summary.items()},
         "command": command, "date": time.strftime("%Y-%m-%d"),
     }
-    _update_card(model_dir, lambda card: card.setdefault("metrics", {}).__setitem__(key, entry))
+    def change(card: ModelCard):
+        card.metrics = card.metrics if card.metrics is not None else {}
+        card.metrics[key] = entry
+
+    _update_card(model_dir, change)
     print(f"metrics recorded in {model_dir / CARD} under '{key}'")
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from . import GMSError
 from .atomicfile import atomic_write
 from .card import FORMAT_VERSION, load_card
+from .modelcard import ModelCard, Segment
 from .lmm import LatentMappingModel, LMMConfig
 # model folders by path or name (no torch needed; shared with the Slicer side)
 from .modelpaths import CARD, DEFAULT_MODEL, find_models, resolve_model_path  # noqa: F401
@@ -56,9 +57,9 @@ class GMSModel(torch.nn.Module):
     """LMM + latent statistics + card. The foundation autoencoder is attached separately (``attach_foundation``)
     because it is shared, frozen and resolved from a weights folder, cache or download."""
 
-    def __init__(self, card: dict, lmm: LatentMappingModel, stats: dict[str, torch.Tensor]):
+    def __init__(self, card: ModelCard | dict, lmm: LatentMappingModel, stats: dict[str, torch.Tensor]):
         super().__init__()
-        self.card = card
+        self.card = ModelCard.coerce(card)
         self.lmm = lmm
         for k in STATS:
             self.register_buffer(k, stats[k].float().reshape(1, -1, 1, 1))
@@ -66,24 +67,24 @@ class GMSModel(torch.nn.Module):
 
     # -- properties from the card ---------------------------------------------------------------------------------
     @property
-    def segments(self) -> list[dict]:
-        return self.card["segments"]
+    def segments(self) -> list[Segment]:
+        return self.card.segments
 
     @property
     def input_size(self) -> int:
-        return int(self.card["input_size"])
+        return int(self.card.input_size)
 
     @property
     def codes(self) -> torch.Tensor:
-        return torch.tensor([s["code"] for s in self.segments], dtype=torch.float32)
+        return torch.tensor([s.code for s in self.segments], dtype=torch.float32)
 
     def attach_foundation(self, foundation) -> "GMSModel":
-        want = self.card["foundation"]
+        want = self.card.foundation
         if foundation.latent_channels != self.lmm.config.latent_channels:
-            raise GMSError(f"model '{self.card.get('name')}' expects {self.lmm.config.latent_channels} latent channels "
+            raise GMSError(f"model '{self.card.name}' expects {self.lmm.config.latent_channels} latent channels "
                            f"but foundation model '{foundation.name}' has {foundation.latent_channels}")
-        if want.get("name") and want["name"] != foundation.name:
-            raise GMSError(f"model '{self.card.get('name')}' was trained on foundation model '{want['name']}', "
+        if want.name and want.name != foundation.name:
+            raise GMSError(f"model '{self.card.name}' was trained on foundation model '{want.name}', "
                            f"not '{foundation.name}'")
         self.foundation = foundation
         return self
@@ -107,7 +108,7 @@ class GMSModel(torch.nn.Module):
         tensors = {f"lmm.{k}": v.detach().to(torch.float16).contiguous() for k, v in self.lmm.state_dict().items()}
         for k in STATS:
             tensors[f"stats.{k}"] = getattr(self, k).detach().flatten().float().contiguous()
-        card = dict(self.card)
+        card = self.card.to_dict()
         card["format_version"] = FORMAT_VERSION
         card["lmm"] = self.lmm.config.to_dict()
         card["trainable_parameters"] = self.lmm.num_parameters(trainable_only=False)
@@ -116,19 +117,21 @@ class GMSModel(torch.nn.Module):
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "GMSModel":
+    def load(cls, folder: str | Path, card: ModelCard | None = None) -> "GMSModel":
+        """Load a model folder; ``card``: its card when the caller has already read it (read here otherwise)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise GMSError(f"model folder not found: {folder}")
         card_path, weights_path = folder / CARD, folder / WEIGHTS
         if not card_path.is_file() or not weights_path.is_file():
             raise GMSError(f"{folder} is not a GMS model folder (needs {CARD} and {WEIGHTS})")
-        card = load_card(card_path)  # every field the engine reads, checked once here
+        if card is None:
+            card = load_card(card_path)  # every field the engine reads, checked once here
         try:
             tensors = load_file(str(weights_path))
         except Exception as e:  # safetensors raises its own error types
             raise GMSError(f"cannot read model weights {weights_path}: {e}") from None
-        lmm = LatentMappingModel(LMMConfig.from_dict(card["lmm"]))
+        lmm = LatentMappingModel(LMMConfig.from_dict(card.lmm))
         state = {k[4:]: v.float() for k, v in tensors.items() if k.startswith("lmm.")}
         try:
             lmm.load_state_dict(state, strict=True)
@@ -145,12 +148,15 @@ class GMSModel(torch.nn.Module):
         return model
 
 
-def load_model(folder: str | Path, weights_dir=None, device: str | torch.device = "cpu", progress=None) -> GMSModel:
-    """Load a model folder and attach its foundation autoencoder (resolved from ``weights_dir``, env, cache or URL)."""
+def load_model(folder: str | Path, weights_dir=None, device: str | torch.device = "cpu", progress=None,
+               card: ModelCard | None = None) -> GMSModel:
+    """Load a model folder and attach its foundation autoencoder (resolved from ``weights_dir``, env, cache or URL).
+    ``card``: the folder's card when the caller has already read it."""
     from .autoencoders import load_foundation
 
-    model = GMSModel.load(folder)
-    model.attach_foundation(load_foundation(model.card["foundation"], weights_dir=weights_dir, progress=progress))
+    model = GMSModel.load(folder, card)
+    model.attach_foundation(load_foundation(model.card.foundation.to_dict(), weights_dir=weights_dir,
+                                            progress=progress))
     return model.to(device)
 
 

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from . import GMSError
+from .modelcard import ModelCard
 
 CONVENTION = "index axes i, j, k point toward these patient directions (LPS frame); identity direction = LPS"
 _PAIRS = (("L", "R"), ("P", "A"), ("S", "I"))  # physical +x / -x, +y / -y, +z / -z
@@ -96,12 +97,12 @@ def reorientation(source: str, target: str) -> Reorientation:
     return Reorientation(source, target, perm, flips)
 
 
-def to_model_orientation(card: dict, direction: Sequence[float] | None,
+def to_model_orientation(card: ModelCard | dict, direction: Sequence[float] | None,
                          shape: Sequence[int]) -> Reorientation | None:
     """The reorientation an input volume of (Z, Y, X[, C]) ``shape`` with ``direction`` needs for this model, or None:
     none needed, the model records no orientation, the volume has a single-slice axis (it is sliced across that axis
     as stored), or the direction is too oblique to name (the array is used as stored)."""
-    target = card.get("orientation")
+    target = ModelCard.coerce(card).orientation
     if not target or direction is None or len(direction) != 9 or len(shape) < 3 or min(shape[:3]) <= 1:
         return None
     source = orientation_code(direction)

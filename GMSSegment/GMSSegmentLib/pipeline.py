@@ -374,7 +374,7 @@ def segment_array_variants(model, array: np.ndarray, variants: list, options: In
     if array.ndim == 4 and array.shape[-1] != 3:
         raise GMSError(f"only scalar or RGB images are supported, got {array.shape[-1]} components")
     if axis is None:
-        axis = int(model.card.get("axis", 0))
+        axis = model.card.slicing_axis
     if array.shape[0] == 1:
         axis = 0  # a 2D image is one slice whatever the card says
     if axis not in (0, 1, 2):
@@ -389,11 +389,11 @@ def segment_array_variants(model, array: np.ndarray, variants: list, options: In
                 "no resampling); the output keeps the input's grid")
         array = reo.apply(array)
         spacing_zyx = reo.spacing(spacing_zyx) if spacing_zyx is not None else None
-    lo, hi = intensity_range(array, model.card.get("normalization", {"mode": "photo"}))
+    lo, hi = intensity_range(array, model.card.normalization_or_default)
     view = np.moveaxis(array, axis, 0)
     n = view.shape[0]
     out_hw = tuple(view.shape[1:3])
-    lut = np.array([0] + [s["label"] for s in model.segments], dtype=np.uint8)
+    lut = np.array([0] + model.card.label_values, dtype=np.uint8)
     # smoothing along the slices needs every slice's decoded image; otherwise each batch is classified at once
     keep = any(w > 0 for w in weights) and n > 1
     decoded = None

@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import GMSError
+from .modelcard import ModelCard
 
 
 def keep_largest_component(labels: np.ndarray, values) -> np.ndarray:
@@ -70,9 +71,10 @@ def undo_view(x, view: tuple):
     return x.transpose(-2, -1) if view and view[0] == "t" else x
 
 
-def tta_views(card: dict) -> int:
+def tta_views(card: ModelCard | dict) -> int:
     """Number of flip views the card's validation choice asks for (1 = no test-time augmentation)."""
-    views = int((card.get("tta") or {}).get("views", 1))
+    tta = ModelCard.coerce(card).tta
+    views = int(tta.views if tta is not None and tta.views is not None else 1)
     return views if views in TTA_FLIPS else 1
 
 
@@ -89,27 +91,28 @@ def tta_scale_sets(size: int, multiple: int = 8) -> list[list[int]]:
     return [[size], [size, second], [size, second, 2 * second - size]]
 
 
-def tta_scales(card: dict) -> list[int]:
+def tta_scales(card: ModelCard | dict) -> list[int]:
     """Input sizes the card's validation choice asks for (default: the model's input size only)."""
-    size = int(card.get("input_size", 224))
-    return [int(s) for s in ((card.get("tta") or {}).get("scales") or [size])]
+    card = ModelCard.coerce(card)
+    size = int(card.input_size if card.input_size is not None else 224)
+    return [int(s) for s in ((card.tta.scales if card.tta is not None else None) or [size])]
 
 
 Z_SMOOTH_CHOICES = (0.0, 0.25, 1 / 3)  # the neighbour weights select_postprocess tries on 3D models
 
 
-def postprocess_settings(card: dict) -> dict:
-    pp = card.get("postprocess") or {}
+def postprocess_settings(card: ModelCard | dict) -> dict:
+    pp = ModelCard.coerce(card).postprocess or {}
     return {"largest_component": bool(pp.get("largest_component", False)),
             "z_smooth": float(pp.get("z_smooth", 0.0))}
 
 
-def z_smooth_weight(settings: dict, card: dict) -> float:
+def z_smooth_weight(settings: dict, card: ModelCard | dict) -> float:
     """The neighbour weight ``settings`` ask for (0 for 2D models); a weight outside [0, 1/2] is refused."""
     w = float(settings.get("z_smooth", 0.0) or 0.0)
     if not 0.0 <= w <= 0.5:
         raise GMSError(f"z_smooth is the weight of each neighbouring slice, in [0, 0.5]; got {w}")
-    return w if int(card.get("dimension", 3)) == 3 else 0.0
+    return w if ModelCard.coerce(card).is_3d else 0.0
 
 
 def z_smoothed(decoded, w: float, start: int, stop: int):
@@ -124,14 +127,15 @@ def z_smoothed(decoded, w: float, start: int, stop: int):
     return (1.0 - 2.0 * w) * mid + w * (prev + nxt)
 
 
-def apply_postprocess(labels: np.ndarray, card: dict, settings: dict | None = None) -> np.ndarray:
+def apply_postprocess(labels: np.ndarray, card: ModelCard | dict, settings: dict | None = None) -> np.ndarray:
     """Apply the card's post-processing (or ``settings``, e.g. ``{}`` for none) to a (Z, Y, X) label map of the card's
     values, slices along axis 0. A 2D model's components are taken slice by slice (a stack of 2D images is not a
     volume); a 3D model's in 3D."""
+    card = ModelCard.coerce(card)
     s = postprocess_settings(card) if settings is None else settings
     if s.get("largest_component"):
-        values = [seg["label"] for seg in card.get("segments", [])]
-        if int(card.get("dimension", 3)) == 2 and labels.ndim == 3:
+        values = card.label_values
+        if not card.is_3d and labels.ndim == 3:
             labels = np.stack([keep_largest_component(sl, values) for sl in labels])
         else:
             labels = keep_largest_component(labels, values)

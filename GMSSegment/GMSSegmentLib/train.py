@@ -33,6 +33,7 @@ from .augment import augment_pair
 from .data import SPLIT_SETTINGS, detect_layout, load_2d, load_3d, split_names, volume_orientation
 from .lmm import LatentMappingModel, LMMConfig
 from .model import STATS, WEIGHTS, GMSModel
+from .modelcard import ModelCard
 from .modelpaths import resolve_model_path
 from .options import TrainConfig
 from .pipeline import classify, to_model_input, train_autocast, training_precision
@@ -210,8 +211,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
     base, base_ref = _init_model(cfg) if cfg.init_from else (None, None)
     if base is not None:  # the base model's input size, normalisation and slicing axis unless given
         cfg = replace(cfg, input_size=cfg.input_size or base.input_size,
-                      normalization=cfg.normalization or base.card.get("normalization"),
-                      axis=cfg.axis if cfg.axis is not None else int(base.card.get("axis", 0)))
+                      normalization=cfg.normalization or base.card.normalization,
+                      axis=cfg.axis if cfg.axis is not None else base.card.slicing_axis)
     else:
         cfg = replace(cfg, input_size=cfg.input_size or 224, axis=cfg.axis or 0)
     root = Path(cfg.data)
@@ -248,7 +249,7 @@ def train(cfg: TrainConfig, events=None) -> Path:
         # (adapting a model: its own orientation, which its slices were learned in)
         found = Counter(volume_orientation(root, n) for n in train_names)
         named = sorted(((c, k) for k, c in found.items() if k), key=lambda t: (-t[0], t[1]))
-        orientation = (base.card.get("orientation") if base is not None else None) or (named[0][1] if named else None)
+        orientation = (base.card.orientation if base is not None else None) or (named[0][1] if named else None)
         if len(found) > 1:
             log(f"training volumes in several orientations {dict(found)}: all brought into {orientation}")
         elif set(found) - {orientation}:
@@ -267,9 +268,9 @@ def train(cfg: TrainConfig, events=None) -> Path:
     foundation = foundation.to(memory_format=torch.channels_last)
     fingerprint = foundation_fingerprint(cfg.foundation, cfg.weights_dir, progress=download)
     if base is not None:
-        theirs = (base.card.get("foundation") or {}).get("files")
+        theirs = base.card.foundation.files
         if theirs and theirs != fingerprint:  # before the expensive encoding
-            raise GMSError(f"--init-from model '{base.card.get('name')}' was trained on other {cfg.foundation['name']} "
+            raise GMSError(f"--init-from model '{base.card.name}' was trained on other {cfg.foundation['name']} "
                            "weights (their SHA-256 differ from the ones loaded here); its latents would not match")
         base.attach_foundation(foundation)  # the model's own check of latent channels and name, also before encoding
     key_src = json.dumps([str(root.resolve()), train_names, val_names, cfg.augment_copies, cfg.seed, cfg.input_size,
@@ -310,7 +311,7 @@ def train(cfg: TrainConfig, events=None) -> Path:
         lmm = LatentMappingModel(LMMConfig(latent_channels=foundation.latent_channels))
     else:  # the starting weights were trained on latents standardised with the base model's statistics: keep them
         im_mean, im_std, mk_mean, mk_std = (getattr(base, k).flatten() for k in STATS)
-        lmm = LatentMappingModel(LMMConfig.from_dict(base.card["lmm"]))
+        lmm = LatentMappingModel(LMMConfig.from_dict(base.card.lmm))
         lmm.load_state_dict(base.lmm.state_dict())
     lmm = lmm.to(memory_format=torch.channels_last)
     card = {
@@ -344,14 +345,14 @@ def train(cfg: TrainConfig, events=None) -> Path:
                      {"image_mean": im_mean, "image_std": im_std, "mask_mean": mk_mean, "mask_std": mk_std})
     model.attach_foundation(foundation)
 
-    model.card["training"]["precision"] = precision
+    model.card.training["precision"] = precision
     step_net = lmm
     if cfg.compile:
         # full batches go through the compiled graph (static shapes: one compilation); a last partial batch and
         # validation use the eager module, which shares the parameters
         step_net = torch.compile(lmm, dynamic=False)
         log("LMM training step compiled with torch.compile (the first step includes the compilation)")
-    model.card["training"]["compiled"] = bool(cfg.compile)
+    model.card.training["compiled"] = bool(cfg.compile)
     compiled_ok = False
     opt = torch.optim.AdamW(lmm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = len(tr.img) // cfg.augment_copies
@@ -389,10 +390,10 @@ def train(cfg: TrainConfig, events=None) -> Path:
     if base is not None and start_epoch == 0:
         # the starting point is validated first and kept unless training beats it on the validation cases
         best = validate(model, va_img, va.labels, codes_t, n_seg)
-        model.card["metrics"] = {"validation": {"dice": round(best, 4), "cases": len(val_names), "epoch": 0,
-                                                "note": "decoded at input size, per slice (the --init-from model)"}}
-        model.card["training"]["selected_epoch"] = 0
-        model.card["training"]["selected_seconds"] = 0.0
+        model.card.metrics = {"validation": {"dice": round(best, 4), "cases": len(val_names), "epoch": 0,
+                                             "note": "decoded at input size, per slice (the --init-from model)"}}
+        model.card.training["selected_epoch"] = 0
+        model.card.training["selected_seconds"] = 0.0
         model.save(out, overwrite=True)
         history.append({"epoch": 0, "val_dice": best, "elapsed_s": 0.0, "saved": True})
         log(json.dumps(history[-1]) + f"  (the starting point, {cfg.init_from})")
@@ -426,7 +427,7 @@ def train(cfg: TrainConfig, events=None) -> Path:
                             raise
                         log(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training eagerly")
                         step_net = lmm
-                        model.card["training"]["compiled"] = False
+                        model.card.training["compiled"] = False
                         outs = lmm(zi)
                     compiled_ok = True
                 else:
@@ -451,10 +452,10 @@ def train(cfg: TrainConfig, events=None) -> Path:
             rec["val_dice"] = vd
             if vd > best:
                 best = vd
-                model.card["metrics"] = {"validation": {"dice": round(vd, 4), "cases": len(val_names),
-                                                        "epoch": epoch + 1, "note": "decoded at input size, per slice"}}
-                model.card["training"]["selected_epoch"] = epoch + 1
-                model.card["training"]["selected_seconds"] = round(elapsed, 1)
+                model.card.metrics = {"validation": {"dice": round(vd, 4), "cases": len(val_names),
+                                                     "epoch": epoch + 1, "note": "decoded at input size, per slice"}}
+                model.card.training["selected_epoch"] = epoch + 1
+                model.card.training["selected_seconds"] = round(elapsed, 1)
                 model.save(out, overwrite=True)
                 rec["saved"] = True
         history.append(rec)
@@ -477,11 +478,10 @@ def train(cfg: TrainConfig, events=None) -> Path:
     # record the whole run in the card of the selected model: epochs run and training time to the end (the selected
     # epoch and the time it was reached are selected_epoch / selected_seconds)
     final = GMSModel.load(out)
-    final.card["training"]["epochs_run"] = history[-1]["epoch"] if history else 0
-    final.card["training"]["train_seconds"] = round(history[-1]["elapsed_s"], 1) if history else 0.0
-    final.card["training"]["total_seconds"] = round(time.time() - t_start, 1)
-    final.card["training"]["stopped_early"] = stopped_early
-    final.card["training"]["history"] = history
+    final.card.training.update(epochs_run=history[-1]["epoch"] if history else 0,
+                               train_seconds=round(history[-1]["elapsed_s"], 1) if history else 0.0,
+                               total_seconds=round(time.time() - t_start, 1), stopped_early=stopped_early,
+                               history=history)
     final.save(out, overwrite=True)
     if cfg.select_postprocess:
         from .evaluate import select_postprocess
@@ -496,12 +496,13 @@ def train(cfg: TrainConfig, events=None) -> Path:
     return out
 
 
-def _keep_base_validation(cfg: TrainConfig, base_card: dict, root: Path) -> tuple[TrainConfig, str | None]:
+def _keep_base_validation(cfg: TrainConfig, base_card: ModelCard | dict, root: Path) -> tuple[TrainConfig, str | None]:
     """Adapting a model on the data set it was trained on, with its validation part carved from the training list:
     carve the same part (its seed and fraction), whatever --seed says, so that none of the cases the model was trained
     on are counted as validation (its starting point would look better than it is) and none of the cases it was selected
     on are trained on. A --split-seed, --val-fraction or list given explicitly is kept."""
-    tr = base_card.get("training") or {}
+    base_card = ModelCard.coerce(base_card)
+    tr = base_card.training or {}
     conf = tr.get("config")
     if cfg.val_list or tr.get("data") != root.name or not isinstance(conf, dict) or conf.get("val_list"):
         return cfg, None
@@ -513,7 +514,7 @@ def _keep_base_validation(cfg: TrainConfig, base_card: dict, root: Path) -> tupl
     if base_seed == cfg.seed:
         return cfg, None
     return replace(cfg, split_seed=int(base_seed)), (
-        f"validation: the part of '{cfg.train_list}' that '{base_card.get('name')}' was selected on (split seed "
+        f"validation: the part of '{cfg.train_list}' that '{base_card.name}' was selected on (split seed "
         f"{base_seed}; --seed {cfg.seed} drives the augmentation and shuffling only)")
 
 
@@ -525,12 +526,12 @@ def _init_model(cfg: TrainConfig) -> tuple[GMSModel, dict]:
         raise GMSError(f"the output folder {cfg.output} is the --init-from model itself; write the adapted model to "
                        "another folder (the original is never overwritten)")
     base = GMSModel.load(folder)
-    theirs = (base.card.get("foundation") or {}).get("name")
+    theirs = base.card.foundation.name
     ours = cfg.foundation["name"] if isinstance(cfg.foundation, dict) else str(cfg.foundation)
     if theirs != ours:
-        raise GMSError(f"--init-from model '{base.card.get('name')}' was trained on the foundation model '{theirs}', "
+        raise GMSError(f"--init-from model '{base.card.name}' was trained on the foundation model '{theirs}', "
                        f"not '{ours}' (pass --foundation to match it)")
-    ref = {"name": base.card.get("name"), "version": base.card.get("version"),
+    ref = {"name": base.card.name, "version": base.card.version,
            "weights_sha256": sha256_file(folder / WEIGHTS)}
     return base, ref
 

@@ -24,6 +24,7 @@ from PIL import Image
 from . import GMSError
 from .data import volume_path
 from .model import code_colours, make_segments
+from .modelcard import ModelCard
 
 DEFAULT_NAMES = ["lesion"]
 
@@ -46,23 +47,24 @@ def default_label_values(layout: str, n: int) -> list[int]:
 
 
 def training_segments(names: list[str] | None, label_values: list[int] | None, layout: str,
-                      base_card: dict | None = None) -> TrainingSegments:
+                      base_card: ModelCard | dict | None = None) -> TrainingSegments:
     """The segments of a training run from the names and mask values given (None: not given) and, adapting a model,
     its (checked) card."""
-    base = base_card["segments"] if base_card else None
-    names = list(names) if names else [s["name"] for s in base] if base else list(DEFAULT_NAMES)
+    base_card = ModelCard.coerce(base_card) if base_card else None
+    base = base_card.segments if base_card else None
+    names = list(names) if names else [s.name for s in base] if base else list(DEFAULT_NAMES)
     n = len(names)
     if len(set(names)) != n:
         raise GMSError(f"segment names must differ, got {names}")
     inherit = base is not None and len(base) == n
-    origin = f"the --init-from model '{base_card.get('name')}'" if inherit else "--segments and their default values"
+    origin = f"the --init-from model '{base_card.name}'" if inherit else "--segments and their default values"
     values_given = label_values is not None
     if not values_given:
-        learned = ((base_card or {}).get("training") or {}).get("label_values") if inherit else None
+        learned = base_card.trained_label_values if inherit else None
         if learned and len(learned) == n:
             label_values = list(learned)
-        elif inherit and base_card.get("dimension") == 3:
-            label_values = [s["label"] for s in base]
+        elif inherit and base_card.dimension == 3:
+            label_values = base_card.label_values
         else:
             label_values = default_label_values(layout, n)
     else:
@@ -72,9 +74,9 @@ def training_segments(names: list[str] | None, label_values: list[int] | None, l
     if len(set(label_values)) != n or not all(1 <= v <= 65535 for v in label_values):
         raise GMSError(f"label values must differ and lie in 1..65535, got {label_values}")
     if inherit:
-        segments = make_segments(names, labels=[s["label"] for s in base], colours=[s["color"] for s in base])
+        segments = make_segments(names, labels=[s.label for s in base], colours=[s.color for s in base])
         for s, b in zip(segments, base):
-            s["code"] = list(b["code"])  # the colours the model's starting weights draw each segment in
+            s["code"] = list(b.code)  # the colours the model's starting weights draw each segment in
     else:
         code_colours(n)  # at most as many segments as there are code colours
         segments = make_segments(names)
