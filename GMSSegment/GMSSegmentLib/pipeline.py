@@ -252,7 +252,7 @@ class SliceSegmenter:
         """Predicted mask latents -> decoded images (B, 3, S, S) in [0, 1]."""
         fnd = self.model.foundation
         with self._autocast("decoder"), self._timed("decoder"):
-            if not (self.fast.enabled and hasattr(fnd, "decode_global")):
+            if not (self.fast.enabled and fnd.supports_split_decode):
                 self.stats.decoded_slices += z.shape[0]
                 self.stats.decoded_fraction += z.shape[0]
                 return fnd.decode(z).float()

@@ -13,11 +13,19 @@ from typing import Any, Mapping
 
 from .. import GMSError
 from .base import FoundationAutoencoder
+from .diffusers_ae import DiffusersKL, DiffusersTiny
 from .taef2 import TAEF2
 
+#: every foundation autoencoder by name: adding one is its file (a FoundationAutoencoder subclass that declares its
+#: pinned weights or its need of a path, and its split-decode support) plus one line here
+FOUNDATIONS: dict[str, type[FoundationAutoencoder]] = {
+    "taef2": TAEF2,
+    "diffusers-kl": DiffusersKL,
+    "diffusers-tiny": DiffusersTiny,
+}
 #: names load_foundation understands
-KNOWN_FOUNDATIONS = ("taef2", "diffusers-kl", "diffusers-tiny")
-_ALIASES = {"autoencoderkl": "diffusers-kl", "autoencodertiny": "diffusers-tiny"}
+KNOWN_FOUNDATIONS = tuple(FOUNDATIONS)
+_ALIASES = {alias: name for name, cls in FOUNDATIONS.items() for alias in cls.aliases}
 
 
 def _normalise(spec: str | Mapping[str, Any]) -> dict:
@@ -34,7 +42,7 @@ def _normalise(spec: str | Mapping[str, Any]) -> dict:
     if name not in KNOWN_FOUNDATIONS:
         raise GMSError(f"unknown foundation model '{spec['name']}'; known: {', '.join(KNOWN_FOUNDATIONS)}")
     spec["name"] = name
-    if name.startswith("diffusers-"):
+    if FOUNDATIONS[name].needs_path:
         path = spec.get("path")
         if not path:
             raise GMSError(f"foundation model '{name}' needs a 'path': a Hugging Face Hub id or a local folder "
@@ -42,49 +50,21 @@ def _normalise(spec: str | Mapping[str, Any]) -> dict:
     return spec
 
 
-def _diffusers_path(spec: dict, weights_dir: str | Path | None) -> str:
-    """A relative path that does not exist as given is looked up under ``weights_dir``."""
-    path = str(spec["path"])
-    if weights_dir and not Path(path).expanduser().exists() and not Path(path).is_absolute():
-        candidate = Path(weights_dir).expanduser() / path
-        if candidate.exists():
-            return str(candidate)
-    return path
-
-
 def load_foundation(spec: str | Mapping[str, Any], weights_dir: str | Path | None = None,
                     progress=None) -> FoundationAutoencoder:
-    """Build the frozen foundation autoencoder a spec names; TAEF2 weights are resolved (and downloaded if needed)
-    by :func:`GMSSegmentLib.weights.resolve_weights`, diffusers models by ``from_pretrained``."""
+    """Build the frozen foundation autoencoder a spec names; pinned weights (TAEF2) are resolved (and downloaded if
+    needed) by :func:`GMSSegmentLib.weights.resolve_weights`, diffusers models by ``from_pretrained``."""
     spec = _normalise(spec)
-    name = spec["name"]
-    if name == "taef2":
-        from ..weights import resolve_weights
-        folder = resolve_weights("taef2", weights_dir, progress)
-        try:
-            return TAEF2.from_folder(folder)
-        except FileNotFoundError as e:
-            raise GMSError(str(e)) from None
-        except (RuntimeError, OSError, ValueError) as e:  # unreadable/mismatched state dict
-            raise GMSError(f"cannot load TAEF2 weights from {folder}: {str(e).splitlines()[0]}") from None
-    from .diffusers_ae import DiffusersKL, DiffusersTiny
-    cls = DiffusersKL if name == "diffusers-kl" else DiffusersTiny
-    return cls.from_pretrained(_diffusers_path(spec, weights_dir), subfolder=spec.get("subfolder"),
-                               revision=spec.get("revision"))
+    return FOUNDATIONS[spec["name"]].from_spec(spec, weights_dir, progress)
 
 
 def foundation_fingerprint(spec: str | Mapping[str, Any], weights_dir: str | Path | None = None,
                            progress=None) -> dict[str, str]:
     """SHA-256 of each weight file (and, for diffusers, ``config.json``) of a foundation model, by file name, for
-    model cards. TAEF2 files are resolved like :func:`load_foundation` does (which may download them)."""
-    from ..weights import file_sha256, resolve_weights, sha256_file
+    model cards. Pinned files are resolved like :func:`load_foundation` does (which may download them)."""
     spec = _normalise(spec)
-    if spec["name"] == "taef2":
-        folder = resolve_weights("taef2", weights_dir, progress)  # verified: their digests are remembered
-        return {f: file_sha256(folder / f) for f in TAEF2.files}
-    from .diffusers_ae import model_files
-    files = model_files(_diffusers_path(spec, weights_dir), spec.get("subfolder"), spec.get("revision"))
-    return {p.name: sha256_file(p) for p in files}
+    return FOUNDATIONS[spec["name"]].fingerprint(spec, weights_dir, progress)
 
 
-__all__ = ["FoundationAutoencoder", "TAEF2", "load_foundation", "foundation_fingerprint", "KNOWN_FOUNDATIONS"]
+__all__ = ["FoundationAutoencoder", "TAEF2", "FOUNDATIONS", "load_foundation", "foundation_fingerprint",
+           "KNOWN_FOUNDATIONS"]

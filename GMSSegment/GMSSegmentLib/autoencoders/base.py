@@ -4,6 +4,10 @@ Images enter as float tensors N x 3 x H x W in [0, 1] (H, W multiples of ``downs
 Latents are the autoencoder's *raw* latents (any scaling the model family prescribes, e.g. 0.18215 for the SD VAE, is
 applied inside ``encode``/``decode``). Per-channel standardisation for the LMM is the GMS model's business, not this.
 Autoencoders are always frozen: parameters have requires_grad False and the module stays in eval mode.
+
+A class also declares how it is loaded from a model card's foundation spec (``from_spec``, ``fingerprint``), the
+pinned weight files it needs (``pinned_weights``: its entry in ``weights.REGISTRY``) or that it needs a ``path``, and
+whether its decoder splits into a global and a local part (``supports_split_decode``, used by the fast pipeline).
 """
 from __future__ import annotations
 
@@ -14,8 +18,26 @@ from torch import nn
 class FoundationAutoencoder(nn.Module):
     #: short identifier written into model cards, e.g. "taef2"
     name: str = "abstract"
+    #: other names a spec may use
+    aliases: tuple[str, ...] = ()
     latent_channels: int = 0
     downscale: int = 8
+    #: the name of its pinned weight files in ``weights.REGISTRY``; None: loaded from the spec's ``path``
+    pinned_weights: str | None = None
+    #: the spec must give a ``path`` (a Hugging Face Hub id or a local folder)
+    needs_path: bool = False
+    #: ``decode_global`` and ``decode_local`` split ``decode`` exactly (the fast pipeline decodes crops)
+    supports_split_decode: bool = False
+
+    @classmethod
+    def from_spec(cls, spec: dict, weights_dir=None, progress=None) -> "FoundationAutoencoder":
+        """Build it from a checked spec (a dict with 'name'); problems are one-line GMSErrors."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    @classmethod
+    def fingerprint(cls, spec: dict, weights_dir=None, progress=None) -> dict[str, str]:
+        """SHA-256 of each of its weight files, by file name, for model cards."""
+        raise NotImplementedError  # pragma: no cover - interface
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -27,6 +49,14 @@ class FoundationAutoencoder(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def decode_global(self, latents: torch.Tensor) -> torch.Tensor:
+        """The part of the decoder that must see the whole latent (only where ``supports_split_decode``)."""
+        raise NotImplementedError(f"foundation model '{self.name}' does not split its decoder")
+
+    def decode_local(self, features: torch.Tensor) -> torch.Tensor:
+        """The crop-safe rest of the decoder: ``decode_global`` features -> RGB in [0, 1]."""
+        raise NotImplementedError(f"foundation model '{self.name}' does not split its decoder")
 
     def decode_mean(self, latents: torch.Tensor) -> torch.Tensor:
         """Channel mean of the decoded image, N x 1 x H x W, clamped to [0, 1]: the GMS mask probability."""

@@ -77,8 +77,19 @@ def _load(cls_name: str, path: str | Path, subfolder: str | None, revision: str 
     return model, subfolder
 
 
+def _diffusers_path(spec: dict, weights_dir: str | Path | None) -> str:
+    """A relative path that does not exist as given is looked up under ``weights_dir``."""
+    path = str(spec["path"])
+    if weights_dir and not Path(path).expanduser().exists() and not Path(path).is_absolute():
+        candidate = Path(weights_dir).expanduser() / path
+        if candidate.exists():
+            return str(candidate)
+    return path
+
+
 class _DiffusersAutoencoder(FoundationAutoencoder):
     _cls_name = ""
+    needs_path = True
 
     def __init__(self, vae, source: str, subfolder: str | None = None, revision: str | None = None):
         super().__init__()
@@ -98,6 +109,18 @@ class _DiffusersAutoencoder(FoundationAutoencoder):
                         torch_dtype=None):
         vae, subfolder = _load(cls._cls_name, path, subfolder, revision, torch_dtype)
         return cls(vae, str(path), subfolder, revision)
+
+    @classmethod
+    def from_spec(cls, spec: dict, weights_dir=None, progress=None):
+        return cls.from_pretrained(_diffusers_path(spec, weights_dir), subfolder=spec.get("subfolder"),
+                                   revision=spec.get("revision"))
+
+    @classmethod
+    def fingerprint(cls, spec: dict, weights_dir=None, progress=None) -> dict[str, str]:
+        """SHA-256 of the weight files and ``config.json``."""
+        from ..weights import sha256_file
+        files = model_files(_diffusers_path(spec, weights_dir), spec.get("subfolder"), spec.get("revision"))
+        return {p.name: sha256_file(p) for p in files}
 
     # helpers -----------------------------------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
@@ -138,6 +161,7 @@ class DiffusersKL(_DiffusersAutoencoder):
     """diffusers ``AutoencoderKL`` (e.g. the SD VAE ``stabilityai/sd-vae-ft-mse``); latents are posterior means."""
 
     name = "diffusers-kl"
+    aliases = ("autoencoderkl",)
     _cls_name = "AutoencoderKL"
 
     def __init__(self, vae, source: str, subfolder: str | None = None, revision: str | None = None):
@@ -164,6 +188,7 @@ class DiffusersTiny(_DiffusersAutoencoder):
     """diffusers ``AutoencoderTiny`` (TAESD family, e.g. ``madebyollin/taesd``); deterministic encoder."""
 
     name = "diffusers-tiny"
+    aliases = ("autoencodertiny",)
     _cls_name = "AutoencoderTiny"
 
     def __init__(self, vae, source: str, subfolder: str | None = None, revision: str | None = None):

@@ -94,6 +94,8 @@ class TAEF2(FoundationAutoencoder):
     name = "taef2"
     latent_channels = LATENT_CHANNELS
     downscale = 8
+    pinned_weights = "taef2"
+    supports_split_decode = True
     files = ("taef2_encoder.pth", "taef2_decoder.pth")
 
     def __init__(self):
@@ -111,6 +113,24 @@ class TAEF2(FoundationAutoencoder):
                 raise FileNotFoundError(f"TAEF2 weights not found: {path}")
             part.load_state_dict(_state_dict(path), strict=True)
         return model.freeze()
+
+    @classmethod
+    def from_spec(cls, spec: dict, weights_dir=None, progress=None) -> "TAEF2":
+        """The pinned weights, resolved (and downloaded if needed) by :func:`..weights.resolve_weights`."""
+        from ..weights import resolve_weights
+        folder = resolve_weights(cls.pinned_weights, weights_dir, progress)
+        try:
+            return cls.from_folder(folder)
+        except FileNotFoundError as e:
+            raise GMSError(str(e)) from None
+        except (RuntimeError, OSError, ValueError) as e:  # unreadable/mismatched state dict
+            raise GMSError(f"cannot load TAEF2 weights from {folder}: {str(e).splitlines()[0]}") from None
+
+    @classmethod
+    def fingerprint(cls, spec: dict, weights_dir=None, progress=None) -> dict[str, str]:
+        from ..weights import file_sha256, resolve_weights
+        folder = resolve_weights(cls.pinned_weights, weights_dir, progress)  # verified: their digests are remembered
+        return {f: file_sha256(folder / f) for f in cls.files}
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)
