@@ -5,6 +5,7 @@ This file holds only the Slicer module, its widget and its self test. All the wo
 as a background worker and imports its results as segmentation nodes. The widget polls the running job with a
 ``qt.QTimer``; nothing here waits on the worker.
 """
+import contextlib
 import enum
 import logging
 import os
@@ -377,9 +378,14 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- running ----------------------------------------------------------------------------------------------------
     def _options(self) -> dict:
+        """The user's choices; the model resolved and its card read once for the click (as chosen if that fails: the
+        logic then says why)."""
         p = self._parameterNode
+        model = _pathOrNone(p.modelPath)
+        with contextlib.suppress(ValueError):
+            model = slicer_logic.openModel(model)
         return {
-            "model": _pathOrNone(p.modelPath),
+            "model": model,
             "device": p.device.value,
             "axis": p.axis.axisIndex(),
             "tta": bool(p.testTimeAugmentation),
@@ -393,7 +399,7 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
             job = self.logic.start(p.inputVolume, outputSegmentationNode=p.outputSegmentation, **options)
-            qt.QSettings().setValue(SETTINGS_MODEL, options["model"])
+            qt.QSettings().setValue(SETTINGS_MODEL, _pathOrNone(p.modelPath))
             self._startPolling(job)
 
     def onSegmentAllButton(self) -> None:
@@ -409,32 +415,33 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the batch segmentation."), waitCursor=True):
             job = self.logic.start(volumes, **options)
-            qt.QSettings().setValue(SETTINGS_MODEL, options["model"])
+            qt.QSettings().setValue(SETTINGS_MODEL, _pathOrNone(self._parameterNode.modelPath))
             self._startPolling(job)
 
     def onAdaptButton(self) -> None:
         model = _pathOrNone(self._parameterNode.modelPath)
         request = None
         with slicer.util.tryWithErrorDisplay(_("Failed to start adapting the model."), waitCursor=True):
-            card = slicer_logic.readModelCard(model)
-            names = [str(seg.get("name")) for seg in card.get("segments", [])]
-            pairs = self.logic.trainingPairs(slicer.mrmlScene, names, dimension=int(card.get("dimension") or 3))
+            opened = slicer_logic.openModel(model)  # resolved and its card read once for the click
+            card = opened.card
+            names = [str(seg.name) for seg in card.segments or []]
+            pairs = self.logic.trainingPairs(slicer.mrmlScene, names, dimension=int(card.dimension or 3))
             checked = {n.GetID() for n in self.ui.adaptSegmentationsComboBox.checkedNodes()}
             if checked:
                 pairs = [(volume, seg) for volume, seg in pairs if seg.GetID() in checked]
             if len(pairs) < 2:
                 raise ValueError(_("Adapting needs at least 2 segmentations that have the segments {names} and a "
                                    "loaded reference volume; found {n}.").format(names=", ".join(names), n=len(pairs)))
-            name = self.ui.adaptNameLineEdit.text.strip() or f"{card.get('name') or os.path.basename(model)}-adapted"
+            name = self.ui.adaptNameLineEdit.text.strip() or f"{card.name or os.path.basename(model)}-adapted"
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
                 raise ValueError(_("The model name may hold only letters, digits, '.', '_' and '-': {name}").format(
                     name=name))
             request = (pairs, names, os.path.join(addUserModelsToSearchPath(), name))
-        if request is None or not ensureDependencies(model):  # may ask the user: no wait cursor here
+        if request is None or not ensureDependencies(opened):  # may ask the user: no wait cursor here
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start adapting the model."), waitCursor=True):
             pairs, names, output = request
-            job = self.logic.startTraining(pairs, names, output, initFrom=model,
+            job = self.logic.startTraining(pairs, names, output, initFrom=opened,
                                            maxMinutes=self.ui.adaptMinutesSpinBox.value,
                                            weightsDir=_pathOrNone(self.ui.weightsPathLineEdit.currentPath))
             self._startPolling(job)
@@ -588,9 +595,9 @@ class GMSSegmentTest(ScriptedLoadableModuleTest):
                           "self-test installs nothing: segment once from the module, then test again")
         from GMSSegmentLib import GMSError, weights
 
-        foundation = slicer_logic.readModelCard(folder).get("foundation") or {}
+        foundation = slicer_logic.readModelCard(folder).foundation
         try:
-            weights.resolve_weights(foundation.get("name", "taef2"), progress=lambda done, total: None)
+            weights.resolve_weights(foundation.name, progress=lambda done, total: None)
         except (GMSError, OSError) as e:
             self.skipTest(f"the foundation weights cannot be had: {e}")
         return folder
@@ -646,7 +653,7 @@ class GMSSegmentTest(ScriptedLoadableModuleTest):
         segmentationNode = job.segmentationNodes[0]
         segmentation = segmentationNode.GetSegmentation()
         names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
-        self.assertEqual(names, [s["name"] for s in card["segments"]])
+        self.assertEqual(names, [s.name for s in card.segments])
         self.assertEqual(segmentationNode.GetNodeReference(
             slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()), volume)
         self.delayDisplay("Segmentation test passed")

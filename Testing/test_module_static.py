@@ -627,7 +627,7 @@ def test_model_summary_states_purpose_accuracy_and_licence(module):
     assert slicer_logic.headlineMetric(bundled["hippocampus"])["dice"] == hippo["segments"]["mean"]["dice_mean"]
 
     adapted = copy.deepcopy(bundled["busi-lesion"])
-    adapted.update(name="my-busi", metrics={"validation": {"dice": 0.8123, "cases": 3}})
+    adapted.name, adapted.metrics = "my-busi", {"validation": {"dice": 0.8123, "cases": 3}}  # a ModelCard
     adapted["training"]["init_from"] = {"name": "busi-lesion"}
     text = slicer_logic.modelSummary(adapted)
     assert "Dice 0.812 (held-out validation cases, 3 cases)" in text and "Adapted from busi-lesion." in text

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from .modelcard import ModelCard
+
 TORCH_REQUIREMENT = "torch>=2.1"
 #: Python packages the worker needs (torch comes from Slicer's PyTorch extension, SimpleITK ships with Slicer). Not
 #: tqdm: the worker reports progress as JSON lines (``--progress json``) and never imports it.
@@ -73,11 +75,12 @@ def missingRequirements(requirements: Iterable[str] = REQUIREMENTS) -> list[str]
     return missing
 
 
-def requirementsForCard(card: dict | None) -> list[str]:
-    """REQUIREMENTS plus what a model card's foundation autoencoder needs (diffusers for ``diffusers-*`` models)."""
+def requirementsForCard(card: ModelCard | dict | None) -> list[str]:
+    """REQUIREMENTS plus what a model card's foundation autoencoder needs (diffusers for ``diffusers-*`` models).
+    ``card``: a ModelCard (a dict is read as one) or None."""
     reqs = list(REQUIREMENTS)
-    foundation = (card or {}).get("foundation") or {}
-    fname = (foundation if isinstance(foundation, str) else str(foundation.get("name", ""))).lower()
+    foundation = ModelCard.coerce(card).foundation
+    fname = (foundation if isinstance(foundation, str) else str(getattr(foundation, "name", None) or "")).lower()
     if fname.startswith("diffusers") or fname in ("autoencoderkl", "autoencodertiny"):
         reqs += list(OPTIONAL_REQUIREMENTS["diffusers"])
     return reqs

@@ -34,7 +34,8 @@ from .geometry import (_checkStillInScene, _imageToWorld, _volumeArray, _volumeI
                        lpsGeometryFromIjkToRas)
 from .jobs import SegmentationJob, TrainingJob, _publishFolder  # noqa: F401
 from .logic import DEVICES, SegmentationLogic, _checkedExecutable  # noqa: F401
-from .modelinfo import findModels, headlineMetric, modelSummary, readModelCard, resolveModel  # noqa: F401
+from .modelinfo import (OpenedModel, findModels, headlineMetric, modelSummary, openModel,  # noqa: F401
+                        readModelCard, resolveModel)
 from .mrml import _removeNode  # noqa: F401
 from .resultimport import (_BINARY_LABELMAP, _LoadedSegment, _normalisedSegments, _orientedImage,  # noqa: F401
                            _readResultSegments, _snapToVolumeGeometry, _takeBack, _unusedNodeName,
@@ -58,6 +59,8 @@ __all__ = [
     "findPythonExecutable",
     "findModels",
     "readModelCard",
+    "openModel",
+    "OpenedModel",
     "modelSummary",
     "headlineMetric",
     "exportVolumeNode",

@@ -7,7 +7,7 @@ import shutil
 import sys
 
 from ..dependencies import requirementsForCard
-from .modelinfo import readModelCard
+from .modelinfo import OpenedModel, openModel
 from .mrml import slicer
 
 
@@ -53,10 +53,11 @@ def workerEnvironment(weightsDir: str | None = None, base: dict | None = None) -
     return env
 
 
-def requirementsForModel(model: str | None = None) -> list[str]:
-    """The worker's Python packages for a model (folder or name; see ``dependencies.requirementsForCard``)."""
+def requirementsForModel(model: str | OpenedModel | None = None) -> list[str]:
+    """The worker's Python packages for a model (folder or name, or an :class:`OpenedModel`, whose card is not read
+    again; see ``dependencies.requirementsForCard``)."""
     card = None
     if model:
         with contextlib.suppress(Exception):
-            card = readModelCard(model)
+            card = openModel(model).card
     return requirementsForCard(card)

@@ -7,7 +7,8 @@ import shutil
 from typing import Callable, Sequence
 
 from ..ownedtemp import make_temp_folder, remove_stale_temp_folders
-from .modelinfo import readModelCard
+from ..modelcard import ModelCard
+from .modelinfo import _cardJson
 from .resultimport import _normalisedSegments, _takeBack, importResult
 from .states import JobState, TaskState, VolumeTask, _int
 from .trainingset import TrainingSetExport
@@ -26,7 +27,7 @@ class SegmentationJob(_WorkerJob):
         self.tasks = tasks
         self.batch = batch
         self.modelDir = ""
-        self.card: dict = {}
+        self.card = ModelCard()  # the model's card, read once when the job was started
         self._imports: list | None = None  # results waiting to be imported, once the worker has exited
         self._importTotal = 0  # how many results were queued for import (a failed import still counts as handled)
         self._crashed = False
@@ -220,7 +221,7 @@ class TrainingJob(_WorkerJob):
         self.export: dict = {}  # what exportTrainingSet returns, once the cases are written
         self._export = export
         self.modelDir = ""
-        self.card: dict = {}
+        self.card: dict = {}  # the new model's card as the worker wrote it, once the job succeeded
         self.stage = "exporting"  # exporting, starting, cache, training, options
         self.cacheDone = 0
         self.cacheTotal = 0
@@ -329,7 +330,7 @@ class TrainingJob(_WorkerJob):
         self.modelDir = _publishFolder(folder, self.outputFolder)
         if self.modelDir != self.outputFolder:
             self._logLine(f"{self.outputFolder} appeared while training: the model went to {self.modelDir}")
-        self.card = readModelCard(self.modelDir)
+        self.card = _cardJson(self.modelDir)
         if self._result.get("best") is not None:
             self.bestDice = float(self._result["best"])
         self.state = JobState.SUCCEEDED

@@ -12,7 +12,7 @@ from ..ownedtemp import make_temp_folder, remove_stale_temp_folders
 from .environment import _inSlicerApplication, findPythonExecutable, workerEnvironment
 from .geometry import _volumeInputStep, _volumeShape
 from .jobs import SegmentationJob, TrainingJob
-from .modelinfo import readModelCard, resolveModel
+from .modelinfo import OpenedModel, openModel
 from .mrml import slicer
 from .resultimport import _normalisedSegments
 from .states import VolumeTask
@@ -102,11 +102,12 @@ class SegmentationLogic:
         return self.job is not None and self.job.running
 
     # -- starting -------------------------------------------------------------------------------------------------
-    def start(self, volumeNodes, model: str, device: str = "auto", axis: int | None = None,
+    def start(self, volumeNodes, model: str | OpenedModel, device: str = "auto", axis: int | None = None,
               weightsDir: str | None = None, outputSegmentationNode=None, tta: bool = True) -> SegmentationJob:
         """Start segmenting one volume node (or a list: one batch worker) and return the running job.
 
-        ``model``: model folder or installed model name. ``device``: ``auto``, ``cpu`` or ``cuda``. ``axis``: slicing
+        ``model``: model folder or installed model name, or an :class:`OpenedModel` (its card is not read again);
+        the worker gets the resolved folder. ``device``: ``auto``, ``cpu`` or ``cuda``. ``axis``: slicing
         axis 0/1/2 in numpy (K, J, I) order, or None for the model's (a single-slice volume is always sliced across
         its thin axis). ``weightsDir``: local foundation weights folder (offline sites). ``outputSegmentationNode``:
         existing node to add the new segments to (single volume only); default a new node per volume. ``tta``: use
@@ -136,9 +137,9 @@ class SegmentationLogic:
             raise ValueError(f"unknown device '{device}' (use auto, cpu or cuda)")
         if axis is not None and int(axis) not in (0, 1, 2):
             raise ValueError(f"slicing axis must be 0, 1 or 2, got {axis}")
-        modelDir = resolveModel(model)
-        card = readModelCard(modelDir)
-        cardSegments = _normalisedSegments(card.get("segments"))
+        opened = openModel(model)  # resolved and its card read once for the whole job
+        modelDir, card = opened.folder, opened.card
+        cardSegments = _normalisedSegments(card.segments)
         if weightsDir and not os.path.isdir(os.path.expanduser(str(weightsDir))):
             raise ValueError(f"foundation weights folder not found: {weightsDir}")
         scene = self._scene(nodes)
@@ -212,18 +213,18 @@ class SegmentationLogic:
         return out
 
     def startTraining(self, pairs: Sequence, segmentNames: Sequence[str], outputFolder: str,
-                      initFrom: str | None = None, maxMinutes: float | None = None, weightsDir: str | None = None,
-                      extraArgs: Sequence[str] = ()) -> TrainingJob:
-        """Start adapting the model ``initFrom`` (folder or installed name; None = train a new model from scratch) to
-        the (volume node, segmentation node) ``pairs`` and return the running job. The pairs are exported first, into
-        the job's temporary folder (:func:`exportTrainingSet` in steps: each :meth:`TrainingJob.poll` reads one pair
-        from the scene and a thread writes its files, so Slicer stays responsive; everything is checked here, before
-        the job starts; label k+1 = ``segmentNames[k]``) as 3D volumes or,
-        for a 2D model (card ``dimension`` 2; without ``initFrom``: when every volume is a single slice), as 8-bit
+                      initFrom: str | OpenedModel | None = None, maxMinutes: float | None = None,
+                      weightsDir: str | None = None, extraArgs: Sequence[str] = ()) -> TrainingJob:
+        """Start adapting the model ``initFrom`` (folder or installed name, or an :class:`OpenedModel`; None = train a
+        new model from scratch) to the (volume node, segmentation node) ``pairs`` and return the running job. The pairs
+        are exported first, into the job's temporary folder (:func:`exportTrainingSet` in steps: each
+        :meth:`TrainingJob.poll` reads one pair from the scene and a thread writes its files, so Slicer stays
+        responsive; everything is checked here, before the job starts; label k+1 = ``segmentNames[k]``) as 3D volumes
+        or, for a 2D model (card ``dimension`` 2; without ``initFrom``: when every volume is a single slice), as 8-bit
         PNG images; the worker is ``python -m GMSSegmentLib train ... --progress json``, which carves its validation
-        cases from the pairs and keeps the starting model unless training beats it on them. ``maxMinutes`` bounds
-        the training time. The new model is written to ``outputFolder`` only when the job succeeded (put it in a
-        folder of ``GMS_MODELS_DIR`` to find it by name).
+        cases from the pairs and keeps the starting model unless training beats it on them. ``maxMinutes`` bounds the
+        training time. The new model is written to ``outputFolder`` only when the job succeeded (put it in a folder of
+        ``GMS_MODELS_DIR`` to find it by name).
 
         Raises ValueError (clear message, nothing written, nothing started) for invalid input."""
         if self.running:
@@ -235,7 +236,8 @@ class SegmentationLogic:
         outputFolder = os.path.abspath(os.path.expanduser(str(outputFolder)))
         if os.path.exists(outputFolder) and (not os.path.isdir(outputFolder) or os.listdir(outputFolder)):
             raise ValueError(f"{outputFolder} already exists; choose a new folder (models are never overwritten)")
-        initDir = resolveModel(initFrom) if initFrom else None
+        initModel = openModel(initFrom) if initFrom else None  # resolved and its card read once
+        initDir = initModel.folder if initModel is not None else None
         if initDir is not None and os.path.abspath(initDir) == outputFolder:
             raise ValueError("the new model's folder is the model being adapted; choose another folder")
         if maxMinutes is not None and not float(maxMinutes) > 0:
@@ -243,7 +245,7 @@ class SegmentationLogic:
         if weightsDir and not os.path.isdir(os.path.expanduser(str(weightsDir))):
             raise ValueError(f"foundation weights folder not found: {weightsDir}")
         if initDir is not None:
-            dimension = int(readModelCard(initDir).get("dimension") or 3)
+            dimension = int(initModel.card.dimension or 3)
         else:
             single = all(v is not None and v.GetImageData() is not None and v.GetImageData().GetDimensions()[2] == 1
                          for v, _ in pairs)

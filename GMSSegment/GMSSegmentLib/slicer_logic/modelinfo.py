@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 from .. import GMSError, modelpaths
+from ..card import parse_card
+from ..modelcard import FoundationSpec, ModelCard, Segment
 from .states import _int
 
 
@@ -24,9 +27,8 @@ def resolveModel(model: str, searchPaths: Sequence[str] | None = None) -> str:
         raise ValueError(str(e)) from None
 
 
-def readModelCard(model: str) -> dict:
-    """The model folder's ``card.json`` (a dict); ValueError with a clear message when missing or invalid."""
-    folder = resolveModel(model)
+def _cardJson(folder: str) -> dict:
+    """The JSON object in the folder's ``card.json``; ValueError with a clear message when missing or unreadable."""
     path = os.path.join(folder, "card.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -40,11 +42,42 @@ def readModelCard(model: str) -> dict:
     return card
 
 
-def headlineMetric(card: dict) -> dict | None:
+def readModelCard(model: str) -> ModelCard:
+    """The model folder's ``card.json`` as a :class:`ModelCard`, checked as the engine checks it on load
+    (``card.parse_card``); ValueError with a clear message when missing, unreadable or invalid."""
+    folder = resolveModel(model)
+    try:
+        return parse_card(_cardJson(folder), f"model card {os.path.join(folder, 'card.json')}")
+    except GMSError as e:
+        raise ValueError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class OpenedModel:
+    """A model resolved to its folder, with its card read: what one Segment or Adapt click passes on (to the
+    requirement check, the job, and the worker's ``--model FOLDER``), so the card is read once per click."""
+
+    folder: str
+    card: ModelCard
+
+
+def openModel(model: str | OpenedModel | None) -> OpenedModel:
+    """``model`` (a folder or an installed name) resolved and its card read, once; an :class:`OpenedModel` as is.
+    ValueError when there is no model or its ``card.json`` is missing or not a JSON object. The card's fields are not
+    checked here: the worker checks the model (weights first, then the card) and the job reports what it says, as
+    ``gms segment`` does."""
+    if isinstance(model, OpenedModel):
+        return model
+    folder = resolveModel(model)
+    return OpenedModel(folder, ModelCard.from_dict(_cardJson(folder)))
+
+
+def headlineMetric(card: ModelCard | dict) -> dict | None:
     """The figure to show a user for a model: the mean Dice of its recorded evaluation on a test list at the model's
     input size (else at native size, else any recorded evaluation), else its validation Dice. Returns ``{"dice",
-    "cases", "what"}`` or None when the card records nothing."""
-    metrics = card.get("metrics") if isinstance(card.get("metrics"), dict) else {}
+    "cases", "what"}`` or None when the card records nothing. ``card``: a ModelCard (a dict is read as one)."""
+    metrics = ModelCard.coerce(card).metrics
+    metrics = metrics if isinstance(metrics, dict) else {}
     evaluations = [(k, v) for k, v in metrics.items() if k != "validation" and isinstance(v, dict)
                    and isinstance(v.get("segments"), dict) and "no-tta" not in k]
 
@@ -71,25 +104,28 @@ def headlineMetric(card: dict) -> dict | None:
     return None
 
 
-def modelSummary(card: dict, fallbackName: str = "model") -> str:
+def modelSummary(card: ModelCard | dict, fallbackName: str = "model") -> str:
     """One paragraph for the model selector: what the model segments, in which images, how well (the recorded Dice,
-    see :func:`headlineMetric`), what it was adapted from, and the licence of its training data."""
-    name = card.get("name") or fallbackName
-    segments = ", ".join(str(s.get("name")) for s in card.get("segments", []) if isinstance(s, dict)) or "?"
-    dimension = card.get("dimension")
-    kind = {2: "2D images (each slice of a volume on its own)", 3: "volumes, slice by slice"}.get(dimension, "images")
-    description = str(card.get("description") or "").strip().rstrip(".")
-    foundation = card.get("foundation", {})
-    foundationName = foundation.get("name") if isinstance(foundation, dict) else foundation
+    see :func:`headlineMetric`), what it was adapted from, and the licence of its training data. ``card``: a
+    ModelCard (a dict is read as one)."""
+    card = ModelCard.coerce(card)
+    name = card.name or fallbackName
+    segments = ", ".join(str(s.name) for s in card.segments or [] if isinstance(s, Segment)) or "?"
+    kinds = {2: "2D images (each slice of a volume on its own)", 3: "volumes, slice by slice"}
+    kind = kinds.get(card.dimension, "images")
+    description = str(card.description or "").strip().rstrip(".")
+    foundation = card.foundation
+    foundationName = foundation.name if isinstance(foundation, FoundationSpec) else foundation
+    inputSize = card.input_size if card.input_size is not None else "?"
     text = f"{name}: {description}. " if description else f"{name}. "
-    text += f"Segments {segments} in {kind}; input {card.get('input_size', '?')} px, foundation {foundationName or '?'}."
+    text += f"Segments {segments} in {kind}; input {inputSize} px, foundation {foundationName or '?'}."
     metric = headlineMetric(card)
     if metric is not None:
         cases = f", {metric['cases']} cases" if metric["cases"] else ""
         text += f" Dice {metric['dice']:.3f} ({metric['what']}{cases})."
-    initFrom = (card.get("training") or {}).get("init_from") if isinstance(card.get("training"), dict) else None
+    initFrom = card.training.get("init_from") if isinstance(card.training, dict) else None
     if isinstance(initFrom, dict) and initFrom.get("name"):
         text += f" Adapted from {initFrom['name']}."
-    if card.get("licence"):
-        text += f" Data licence: {card['licence']}."
+    if card.licence:
+        text += f" Data licence: {card.licence}."
     return text

@@ -10,7 +10,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import formats
 from ..imageio import Geometry, read_stored
+from ..modelcard import Segment
 from .geometry import _imageToWorld, _vtkMatrix, ijkToRasFromLpsGeometry, ijkToRasFromVolumeNode
 from .mrml import _removeNode, slicer, vtk
 from .states import VolumeTask
@@ -39,12 +41,7 @@ def addVolumeNodeFromFile(scene, path: str, name: str | None = None, vector: boo
         isVector = False
     className = "vtkMRMLVectorVolumeNode" if isVector else "vtkMRMLScalarVolumeNode"
     if name is None:
-        base = os.path.basename(str(path))
-        for ext in (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
-            if base.lower().endswith(ext):
-                base = base[: -len(ext)]
-                break
-        name = base
+        name = formats.split_extension(path)[0]
     node = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name))
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(arr))
     node.SetIJKToRASMatrix(_vtkMatrix(_ijkToRas(geometry)))
@@ -78,8 +75,12 @@ def _orientedImage(array: np.ndarray, ijkToRas: np.ndarray, extentStart=(0, 0, 0
 
 
 def _normalisedSegments(segments: Any) -> list[dict]:
+    """Name, label, colour and terminology of each segment (a card's :class:`Segment` or a worker's dict) that has a
+    label; colours clamped to 0..1, a broken colour None."""
     out = []
     for i, s in enumerate(segments or []):
+        if isinstance(s, Segment):
+            s = s.to_dict()
         if not isinstance(s, dict) or "label" not in s:
             continue
         color = s.get("color")
@@ -110,7 +111,7 @@ def _readResultSegments(path: str, segments: list[dict]) -> list[_LoadedSegment]
     ``.seg.nrrd`` that reader rejects) with ``imageio``. Segments are matched by label value.
     """
     loaded: list[_LoadedSegment] = []
-    if path.lower().endswith(".seg.nrrd"):
+    if path.lower().endswith(formats.SEGMENTATION_EXTENSION):
         with contextlib.suppress(Exception):
             loaded = _readWithSegmentationStorageNode(path, segments)
     if not loaded:
