@@ -516,6 +516,8 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 status = f"{task.state} {task.done}/{task.total}"
             if task.message and task.state == slicer_logic.TaskState.FAILED:
                 status = f"{task.state}: {task.message}"
+            elif task.state == slicer_logic.TaskState.SUCCEEDED and task.notFound:
+                status = f"{task.state}: {task.foundText}"
             for column, text in enumerate((task.volumeName, status)):
                 item = table.item(row, column)
                 if item is None:

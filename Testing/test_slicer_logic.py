@@ -309,13 +309,22 @@ def check_result(job, volumeNode, model, expected_labels: np.ndarray) -> None:
     assert job.state == L.JobState.SUCCEEDED, (job.errorMessage, job.log[-20:])
     card = card_of(model)
     nodes = job.segmentationNodes
+    # a segment the model found nowhere is not added (nothing for the user to delete); the status says so
+    present = [spec for spec in card["segments"] if (expected_labels == spec["label"]).any()]
+    missing = [spec["name"] for spec in card["segments"] if spec not in present]
+    assert job.tasks[0].notFound == missing
+    if missing:
+        assert f"no {' or '.join(missing)} found" in job.statusText
+    if not present:
+        assert nodes == []
+        return
     assert len(nodes) == 1
     node = nodes[0]
     assert node.IsA("vtkMRMLSegmentationNode") and node.GetScene() is volumeNode.GetScene()
     assert_same_geometry(node, volumeNode)
     seg = node.GetSegmentation()
-    assert seg.GetNumberOfSegments() == len(card["segments"])
-    for k, spec in enumerate(card["segments"]):
+    assert seg.GetNumberOfSegments() == len(present)
+    for k, spec in enumerate(present):
         segment = seg.GetNthSegment(k)
         assert segment.GetName() == spec["name"]
         np.testing.assert_allclose(segment.GetColor(), spec["color"], atol=1e-6)
@@ -475,6 +484,9 @@ def test_rerun_keeps_edited_segment(scene, logic, busi_images, two_segment_model
     assert first.state == L.JobState.SUCCEEDED, first.errorMessage
     node = first.segmentationNodes[0]
     seg = node.GetSegmentation()
+    # the segments the model drew in this image (one it finds nowhere is not added: nothing to delete)
+    found = [s for s in card["segments"] if s["name"] not in first.tasks[0].notFound]
+    assert found and seg.GetNumberOfSegments() == len(found)
     segmentID = seg.GetNthSegmentID(0)
     name = seg.GetSegment(segmentID).GetName()
 
@@ -494,10 +506,10 @@ def test_rerun_keeps_edited_segment(scene, logic, busi_images, two_segment_model
                            outputSegmentationNode=node, timeout=JOB_TIMEOUT)
     assert second.state == L.JobState.SUCCEEDED, second.errorMessage
     assert second.segmentationNodes == [node]
-    assert seg.GetNumberOfSegments() == 2 * len(card["segments"])
+    assert seg.GetNumberOfSegments() == 2 * len(found)
     names = [seg.GetNthSegment(k).GetName() for k in range(seg.GetNumberOfSegments())]
-    assert names[: len(card["segments"])] == [s["name"] for s in card["segments"]]
-    assert names[len(card["segments"]):] == [f"{s['name']} (2)" for s in card["segments"]]
+    assert names[: len(found)] == [s["name"] for s in found]
+    assert names[len(found):] == [f"{s['name']} (2)" for s in found]
     assert segmentID not in second.tasks[0].segmentIDs
     assert np.array_equal(segment_on_volume_grid(node, segmentID, volume), edited)
     assert seg.GetSegment(segmentID).GetColor() == pytest.approx((0.1, 0.2, 0.3))
@@ -508,7 +520,7 @@ def test_rerun_keeps_edited_segment(scene, logic, busi_images, two_segment_model
     assert third.state == L.JobState.SUCCEEDED, third.errorMessage
     assert third.segmentationNodes[0] is not node
     assert third.segmentationNodes[0].GetName() != node.GetName()
-    assert seg.GetNumberOfSegments() == 2 * len(card["segments"])
+    assert seg.GetNumberOfSegments() == 2 * len(found)
     assert np.array_equal(segment_on_volume_grid(node, segmentID, volume), edited)
     # both re-runs produced what the first run produced before the edit
     third_node = third.segmentationNodes[0]
@@ -565,14 +577,15 @@ def test_batch_with_broken_volumes(scene, logic, temp_root, busi_images, two_seg
 
 
 def test_batch_results_are_imported_one_per_poll_and_a_cancel_while_importing_takes_them_back(
-        scene, logic, temp_root, busi_images, tiny_model, weights_dir):
+        scene, logic, temp_root, busi_images, two_segment_model, weights_dir):
     def count():
         return scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
 
     volumes = [L.addVolumeNodeFromFile(scene, busi_images[k], name=f"import {i}")
                for i, k in enumerate(("gray", "rgb", "gray"))]
     before, n0 = scene_state(scene), count()
-    job = logic.start(volumes, str(tiny_model), device="cpu", weightsDir=weights_dir, tta=False)
+    # the random two-segment model draws in every image (an empty result would add no node)
+    job = logic.start(volumes, str(two_segment_model), device="cpu", weightsDir=weights_dir, tta=False)
     # the poll that sees the worker's exit imports the first result, and only that one
     assert wait_until(lambda: job.returnCode is not None, JOB_TIMEOUT, job), job.log[-20:]
     assert job.returnCode == 0 and job.running
@@ -589,7 +602,8 @@ def test_batch_results_are_imported_one_per_poll_and_a_cancel_while_importing_ta
     assert "Cancelled: the scene was not changed" in job.log
     assert os.listdir(temp_root) == []
 
-    job = logic.start(volumes, str(tiny_model), device="cpu", weightsDir=weights_dir, tta=False)
+    # the random two-segment model draws in every image (an empty result would add no node)
+    job = logic.start(volumes, str(two_segment_model), device="cpu", weightsDir=weights_dir, tta=False)
     counts = [count()]
     while not job.finished:
         job.poll()
@@ -602,7 +616,8 @@ def test_batch_results_are_imported_one_per_poll_and_a_cancel_while_importing_ta
         [f"import {i} GMS segmentation" for i in range(3)]
 
     # a result that cannot be imported counts as handled: the count goes on to 2/3 instead of shrinking to 1/2
-    job = logic.start(volumes, str(tiny_model), device="cpu", weightsDir=weights_dir, tta=False)
+    # the random two-segment model draws in every image (an empty result would add no node)
+    job = logic.start(volumes, str(two_segment_model), device="cpu", weightsDir=weights_dir, tta=False)
     assert wait_until(lambda: job.returnCode is not None, JOB_TIMEOUT, job), job.log[-20:]
     assert job.statusText == "Importing the results: 1/3"
     os.remove(job.tasks[1].outputPath)
@@ -1434,3 +1449,22 @@ def test_2d_images_export_as_png_pairs_that_adapt_a_2d_model(scene, shared_dir, 
     assert job.startDice > 0.5  # busi-lesion on images of its own training list
     assert os.listdir(tmp_path / "jobs") == []
     logic.shutdown()
+
+
+def test_a_volume_decided_empty_adds_no_segment_and_says_no_lesion_found(scene, logic, busi_images, weights_dir,
+                                                                          tmp_path):
+    """The card's presence decision clears the lesion: no empty segmentation node for the user to delete, and the
+    status says "no lesion found"."""
+
+    model = tmp_path / "never-sure"
+    shutil.copytree(MODULE_DIR / "Resources" / "Models" / "busi-lesion", model)
+    card = card_of(model)
+    card["presence"] = {"min_area": 0.9, "min_confidence": 0.0}
+    (model / "card.json").write_text(json.dumps(card))
+    volume = L.addVolumeNodeFromFile(scene, busi_images["gray"])
+    before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    job = logic.segment(volume, str(model), device="cpu", weightsDir=weights_dir, timeout=JOB_TIMEOUT, tta=False)
+    assert job.state == L.JobState.SUCCEEDED, (job.errorMessage, job.log[-20:])
+    assert job.segmentationNodes == [] and job.tasks[0].notFound == ["lesion"]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before
+    assert job.statusText.endswith("(no lesion found)")

@@ -158,6 +158,12 @@ def _check_options(card: dict) -> None:
         if "z_smooth" in pp:
             _require(_is_number(pp["z_smooth"], 0.0, 0.5), "postprocess.z_smooth", "a number from 0 to 0.5",
                      pp["z_smooth"])
+    presence = _object(card, "presence", "presence")
+    if presence:
+        for key in ("min_area", "min_confidence"):
+            if key in presence:
+                _require(_is_number(presence[key], 0.0, 1.0), f"presence.{key}", "a number from 0 to 1",
+                         presence[key])
 
 
 def _check_training(card: dict) -> None:

@@ -120,7 +120,7 @@ def cmd_segment(args, rep: Reporter) -> int:
                      segments=[{"name": s.name, "label": s.label, "color": s.color} for s in model.segments],
                      present=[s.name for s in present], **extra)
             if rep.mode != "json":
-                names = ", ".join(s.name for s in present) or "nothing found"
+                names = found_text([s.name for s in model.segments], [s.name for s in present])
                 print(f"{job['input']} -> {path} ({secs:.1f} s; {names})", flush=True)
             n_ok += 1
         except GMSError as e:
@@ -141,6 +141,13 @@ def cmd_segment(args, rep: Reporter) -> int:
         if rep.mode != "json":
             print(f"{n_ok} segmented, {n_failed} failed", flush=True)
     return 0 if n_failed == 0 else 2
+
+
+def found_text(segments: list[str], present: list[str]) -> str:
+    """The result line's account of what was found: "lesion", "no lesion found", "left, no right found"."""
+    missing = [n for n in segments if n not in present]
+    parts = list(present) + ([f"no {' or '.join(missing)} found"] if missing else [])
+    return ", ".join(parts)
 
 
 # -- train --------------------------------------------------------------------------------------------------------------
@@ -180,6 +187,16 @@ def cmd_postprocess(args, rep: Reporter) -> int:
     select_postprocess(args.model, args.data, weights_dir=args.weights_dir, device=args.device,
                        batch_size=args.batch_size, rule=args.rule, views=tuple(sorted(set(args.views))),
                        command="gms " + " ".join(sys.argv[1:]))
+    return 0
+
+
+def cmd_presence(args, rep: Reporter) -> int:
+    from .presencecal import calibrate_presence
+
+    if not 0 <= args.max_dice_cost <= 1:
+        raise GMSError(f"--max-dice-cost must be from 0 to 1, got {args.max_dice_cost}")
+    calibrate_presence(args.model, args.data, args.max_dice_cost, weights_dir=args.weights_dir, device=args.device,
+                       batch_size=args.batch_size, command="gms " + " ".join(sys.argv[1:]))
     return 0
 
 
@@ -254,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "orientation (default: the card's axis)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--no-fast", action="store_true", help="decode every slice fully (the reference loop)")
+    s.add_argument("--no-presence", action="store_true",
+                   help="keep every segment the model draws, even where the model card's presence decision "
+                        "(chosen on validation) says there is nothing")
     s.add_argument("--no-postprocess", action="store_true",
                    help="skip the model card's post-processing (largest component and, for 3D models, smoothing along the "
                         "slicing axis, where chosen on validation)")
@@ -292,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-list", default=None, help="list in split.json for model selection (default: carve "
                                                      "--val-fraction of the training list)")
     t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--negatives", dest="negative_list", default=None, metavar="LIST",
+                   help="list in split.json of cases without any segment (empty masks, e.g. normal images): trained "
+                        "on so that the model learns to answer 'nothing here'; --val-fraction of it is kept for "
+                        "validation and for choosing the presence decision")
     t.add_argument("--max-train", type=int, default=None, help="use only the first N training cases")
     t.add_argument("--max-val", type=int, default=None)
     t.add_argument("--augment-copies", type=int, default=4, help="augmented copies per sample in the latent cache")
@@ -352,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native: at the image's own size; model: at the model's input size (the GMS paper's way)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--no-fast", action="store_true")
+    e.add_argument("--no-presence", action="store_true", help="skip the card's presence decision")
     e.add_argument("--limit", type=int, default=None, help="only the first N cases")
     e.add_argument("--no-tta", action="store_true",
                    help="one plain pass at the model's input size instead of the card's test-time augmentation")
@@ -375,6 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "Dice (a smaller gain is noise on the validation cases); best: the best mean")
     common(pp, precision=False)
     pp.set_defaults(func=cmd_postprocess)
+
+    pr = sub.add_parser("presence", help="choose the presence decision (a segment the model draws on a slice is "
+                        "cleared when its area or the model's confidence in it is too small) on the model's "
+                        "validation cases and store it in its card (gms train does this at its end)")
+    pr.add_argument("data", help="the data set the model was trained on")
+    pr.add_argument("--max-dice-cost", type=float, default=0.005,
+                    help="mean validation Dice the decision may cost the cases that hold the segment (default "
+                         "0.005, half a point; 0: none)")
+    pr.add_argument("--batch-size", type=int, default=8)
+    common(pr, precision=False)
+    pr.set_defaults(func=cmd_presence)
 
     av = sub.add_parser("average", help="average the LMM weights of models of one training lineage (model folders, "
                         "installed model names, training checkpoints <work>/last.pt or the snapshots "

@@ -47,16 +47,19 @@ def read_split(root: Path) -> dict[str, list[str]]:
 
 #: the training settings that decide a data set's training and validation cases (``split_names``' parameters; a
 #: model card's ``training.config`` holds them, so the cases a model was selected on can be found again)
-SPLIT_SETTINGS = ("train_list", "val_list", "val_fraction", "max_train", "max_val", "seed", "split_seed")
+SPLIT_SETTINGS = ("train_list", "val_list", "val_fraction", "max_train", "max_val", "seed", "split_seed",
+                  "negative_list")
 
 
 def split_names(root: Path, train_list: str = "train", val_list: str | None = None, val_fraction: float = 0.1,
                 max_train: int | None = None, max_val: int | None = None, seed: int = 0,
-                split_seed: int | None = None) -> tuple[list[str], list[str]]:
+                split_seed: int | None = None, negative_list: str | None = None) -> tuple[list[str], list[str]]:
     """The training and validation cases of the data set at ``root`` (sorted names): split.json's list ``train_list``
     and its list ``val_list``, or without one a part ``val_fraction`` carved from the training list, deterministically
-    by ``split_seed`` (None: ``seed``); each cut to its first ``max_train`` / ``max_val`` names when given. The
-    defaults are ``gms train``'s (``options.TrainConfig``)."""
+    by ``split_seed`` (None: ``seed``); each cut to its first ``max_train`` / ``max_val`` names when given.
+    ``negative_list``: a list of cases without any segment (empty masks, e.g. normal images): the same fraction of it
+    is carved for validation (by its own draw, so the cases of ``train_list`` and their carve are unchanged) and the
+    rest trained on. The defaults are ``gms train``'s (``options.TrainConfig``)."""
     split = read_split(root)
     if train_list not in split:
         raise GMSError(f"split.json of {root} has no list '{train_list}' (has {sorted(split)})")
@@ -75,10 +78,29 @@ def split_names(root: Path, train_list: str = "train", val_list: str | None = No
         train = train[:max_train]
     if max_val:
         val = val[:max_val]
+    if negative_list:
+        neg_train, neg_val = negative_names(root, negative_list, val_fraction,
+                                            seed if split_seed is None else split_seed)
+        train, val = sorted(train + neg_train), sorted(val + neg_val)
     overlap = set(train) & set(val)
     if overlap:
         raise GMSError(f"train and validation lists overlap: {sorted(overlap)[:5]}")
     return train, val
+
+
+def negative_names(root: Path, negative_list: str, val_fraction: float = 0.1, seed: int = 0
+                   ) -> tuple[list[str], list[str]]:
+    """split.json's list ``negative_list`` (cases without any segment) -> (training part, validation part): the
+    validation part is ``val_fraction`` of it (at least one case), drawn by ``seed``."""
+    split = read_split(root)
+    if negative_list not in split:
+        raise GMSError(f"split.json of {root} has no list '{negative_list}' (has {sorted(split)})")
+    names = sorted(split[negative_list])
+    if not names:
+        return [], []
+    perm = np.random.default_rng(seed + 54321).permutation(len(names))
+    n_val = max(1, int(round(len(names) * val_fraction)))
+    return sorted(names[i] for i in perm[n_val:]), sorted(names[i] for i in perm[:n_val])
 
 
 def find_image(root: Path, name: str) -> Path:

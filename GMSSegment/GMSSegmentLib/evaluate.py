@@ -67,7 +67,7 @@ def evaluate(model, data, options: InferenceOptions | None = None, *, list_name=
     t0 = time.perf_counter()
     for k, name in enumerate(names):
         (pred,), gt, spacing = _predict_case(m, seg, root, layout, name, resolution, options.batch_size, variants,
-                                             axis=options.axis)
+                                             axis=options.axis, presence=options.presence)
         met = label_metrics(pred, gt, seg_labels, spacing)
         for lab_v, v in met.items():
             rows.append({"case": name, "segment": seg_names[lab_v], "label": lab_v, **v,
@@ -105,10 +105,10 @@ def _options_name(options: InferenceOptions) -> str:
 
 
 def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, batch_size: int,
-                  variants=(None,), axis: int | None = None):
+                  variants=(None,), axis: int | None = None, presence=True, record: dict | None = None):
     """One case -> (predictions, ground truth, spacing or None), all in the card's label values: one prediction per
     post-processing setting in ``variants`` (None: the card's), from one run of the network (slicing a volume along
-    ``axis``, None: the card's)."""
+    ``axis``, None: the card's; ``presence`` and ``record`` as in segment_array_variants)."""
     if layout == "2d":
         label_values = m.card.trained_label_values or m.card.label_values
         seg_labels = m.card.label_values
@@ -118,14 +118,26 @@ def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, b
         if resolution == "model":
             arr = _resize_image(arr, m.input_size)
             gt = np.asarray(Image.fromarray(gt).resize((m.input_size,) * 2, Image.NEAREST))
-        preds = segment_array_variants(m, arr, list(variants), batch_size=batch_size, segmenter=seg)
+        preds = segment_array_variants(m, arr, list(variants), batch_size=batch_size, segmenter=seg,
+                                       presence=presence, record=record)
         # ground truth holds segment indices 1..n; the prediction the card's label values
         return [p[0] for p in preds], np.array([0] + seg_labels, np.uint8)[gt], None
     img = read_image(volume_path(root, "imagesTr", name))
     gt = read_image(volume_path(root, "labelsTr", name)).array.astype(np.int32)
     preds = segment_array_variants(m, img.array, list(variants), batch_size=batch_size, axis=axis, segmenter=seg,
-                                   spacing_zyx=img.geometry.spacing_zyx, direction=img.geometry.direction)
+                                   spacing_zyx=img.geometry.spacing_zyx, direction=img.geometry.direction,
+                                   presence=presence, record=record)
     return preds, gt, img.geometry.spacing_zyx
+
+
+def open_validation(model, data, weights_dir=None, device="auto"):
+    """What a choice made on a model's validation cases needs: (data folder, its layout, device, model folder, the
+    loaded model, the validation case names)."""
+    root = Path(data)
+    dev = pick_device(device)
+    model_dir = resolve_model_path(model)
+    m = load_model(model_dir, weights_dir=weights_dir, device=dev)
+    return root, detect_layout(root), dev, model_dir, m, validation_cases(m.card, root)
 
 
 def validation_cases(card: ModelCard | dict, root: Path) -> list[str]:
@@ -165,12 +177,7 @@ def select_postprocess(model, data, weights_dir=None, device="auto", batch_size=
 
     if rule not in SELECTION_RULES:  # before any work
         raise GMSError(f"unknown selection rule '{rule}' (use {' or '.join(SELECTION_RULES)})")
-    root = Path(data)
-    layout = detect_layout(root)
-    dev = pick_device(device)
-    model_dir = resolve_model_path(model)
-    m = load_model(model_dir, weights_dir=weights_dir, device=dev)
-    names = validation_cases(m.card, root)
+    root, layout, dev, model_dir, m, names = open_validation(model, data, weights_dir, device)
     size = m.input_size
     scale_sets = tta_scale_sets(size, m.foundation.downscale) if multiscale else [[size]]
     # cheapest first: the cost of a pass grows with the flip views and the pixels of every input size
@@ -274,6 +281,19 @@ def _record(model_dir: Path, root: Path, list_name: str, resolution: str, n: int
     print(f"metrics recorded in {model_dir / CARD} under '{key}'")
 
 
+def image_level(rows) -> dict:
+    """Case level, for one segment: of the cases that hold it, how many got a prediction (sensitivity); of those
+    that do not, how many were predicted empty (specificity; None without such cases)."""
+    with_seg = [x for x in rows if not x["gt_empty"]]
+    without = [x for x in rows if x["gt_empty"]]
+    found = sum(1 for x in with_seg if not x["pred_empty"])
+    empty = sum(1 for x in without if x["pred_empty"])
+    return {"cases_with": len(with_seg), "found": found,
+            "sensitivity": found / len(with_seg) if with_seg else None,
+            "cases_without": len(without), "predicted_empty": empty,
+            "specificity": empty / len(without) if without else None}
+
+
 def summarise(rows, seg_names) -> dict:
     out = {}
     for lab, name in seg_names.items():
@@ -287,7 +307,7 @@ def summarise(rows, seg_names) -> dict:
                      "hd95_mean": float(finite.mean()) if finite.size else math.nan,
                      "hd95_undefined": int((~np.isfinite(h)).sum()),
                      "pred_empty": int(sum(x["pred_empty"] for x in r)),
-                     "gt_empty": int(sum(x["gt_empty"] for x in r))}
+                     "gt_empty": int(sum(x["gt_empty"] for x in r)), **image_level(r)}
     if len(seg_names) > 1:
         out["mean"] = {"dice_mean": float(np.mean([v["dice_mean"] for v in out.values()])),
                        "iou_mean": float(np.mean([v["iou_mean"] for k, v in out.items() if k != "mean"]))}
@@ -310,3 +330,12 @@ def print_table(rows, summary, model_dir, root, list_name, resolution, n, secs):
         iou = f"{100 * s['iou_mean']:.2f} ± {100 * s['iou_std']:.2f}"
         print(f"{name:<16}{s['cases']:>6}{dsc:>20}{iou:>20}{s['hd95_mean']:9.2f}{s['pred_empty']:>12}"
               f"{s['gt_empty']:>10}")
+    print(f"image level: {'segment':<16}{'with it':>9}{'found':>7}{'sensitivity':>13}{'without':>9}{'empty':>7}"
+          f"{'specificity':>13}")
+    for name, s in summary.items():
+        if name == "mean":
+            continue
+        sens = "-" if s["sensitivity"] is None else f"{100 * s['sensitivity']:.1f} %"
+        spec = "-" if s["specificity"] is None else f"{100 * s['specificity']:.1f} %"
+        print(f"{'':13}{name:<16}{s['cases_with']:>9}{s['found']:>7}{sens:>13}{s['cases_without']:>9}"
+              f"{s['predicted_empty']:>7}{spec:>13}")

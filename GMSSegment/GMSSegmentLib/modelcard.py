@@ -150,8 +150,8 @@ def _typed(cls):
 
 @dataclass(eq=False)
 class ModelCard(_Typed):
-    """Everything a model folder says about its model. ``normalization``, ``lmm``, ``postprocess``, ``training``
-    and ``metrics`` are the card's JSON objects as read (dicts)."""
+    """Everything a model folder says about its model. ``normalization``, ``lmm``, ``postprocess``, ``presence``
+    (presence.py), ``training`` and ``metrics`` are the card's JSON objects as read (dicts)."""
 
     format_version: int | None = None
     name: str | None = None
@@ -170,6 +170,7 @@ class ModelCard(_Typed):
     lmm: dict | None = None
     tta: TTAOptions | None = None
     postprocess: dict | None = None
+    presence: dict | None = None
     training: dict | None = None
     metrics: dict | None = None
     trainable_parameters: int | None = None

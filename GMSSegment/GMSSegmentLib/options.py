@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .pipeline import FastDecodeSettings
+    from .presence import PresenceRule
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class InferenceOptions:
     precision: str = "auto"
     #: the results-preserving decoder shortcut: on/off, or ``pipeline.FastDecodeSettings``
     fast: bool | FastDecodeSettings = True
+    #: the presence decision (presence.py): True = the card's setting (none if the card has none), False = off
+    #: (``--no-presence``), or a ``presence.PresenceRule`` to apply
+    presence: bool | PresenceRule = True
 
     @classmethod
     def plain(cls, **changes) -> "InferenceOptions":
@@ -39,10 +43,11 @@ class InferenceOptions:
     @classmethod
     def from_args(cls, args) -> "InferenceOptions":
         """The options of a parsed ``gms segment`` or ``gms evaluate`` command line (``--axis``, ``--batch-size``,
-        ``--no-tta``, ``--no-postprocess``, ``--precision``, ``--no-fast``; one a command lacks keeps its default)."""
+        ``--no-tta``, ``--no-postprocess``, ``--precision``, ``--no-fast``, ``--no-presence``; one a command lacks keeps its default)."""
         return cls(axis=getattr(args, "axis", None), batch_size=args.batch_size,
                    tta=1 if args.no_tta else None, postprocess={} if args.no_postprocess else None,
-                   precision=getattr(args, "precision", "auto"), fast=not args.no_fast)
+                   precision=getattr(args, "precision", "auto"), fast=not args.no_fast,
+                   presence=not getattr(args, "no_presence", False))
 
 
 @dataclass
@@ -63,6 +68,8 @@ class TrainConfig:
     train_list: str = "train"
     val_list: str | None = None  # a list in split.json used for selection; default: carve val_fraction from train
     val_fraction: float = 0.1
+    negative_list: str | None = None  # a list in split.json of cases without any segment (empty masks): trained on,
+    #                                   val_fraction of it carved for validation (data.split_names)
     max_train: int | None = None
     max_val: int | None = None
     augment_copies: int = 4

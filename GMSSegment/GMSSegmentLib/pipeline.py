@@ -24,6 +24,7 @@ from . import GMSError
 from .normalization import apply_range, intensity_range
 from .options import InferenceOptions
 from .orientation import to_model_orientation
+from .presence import PresenceRule, slice_scores
 from .postprocess import (TTA_FLIPS, apply_postprocess, apply_view, undo_view, postprocess_settings, tta_scales, tta_views, z_smooth_weight,
                           z_smoothed)
 
@@ -363,10 +364,13 @@ def segment_array(model, array: np.ndarray, options: InferenceOptions | None = N
 
 def segment_array_variants(model, array: np.ndarray, variants: list, options: InferenceOptions | None = None, *,
                            segmenter: SliceSegmenter | None = None, device="cpu", spacing_zyx=None, direction=None,
-                           progress=None, cancel=None, log=None, **changes) -> list[np.ndarray]:
+                           progress=None, cancel=None, log=None, record: dict | None = None,
+                           **changes) -> list[np.ndarray]:
     """``segment_array`` for several post-processing settings at the cost of one: the network runs once and each
     entry of ``variants`` (as ``options.postprocess`` there, which is not used here) gives one label map. Used to
-    choose the settings on validation cases."""
+    choose the settings on validation cases. ``record``, a dict, receives the presence scores of every slice
+    (``area``, ``confidence``: (slices, segments), NaN where a slice was not decoded), the slicing ``axis`` and the
+    reorientation ``reo`` (None or orientation's mapping), to calibrate the presence decision (presence.py)."""
     options = replace(options or InferenceOptions(), **changes)
     axis, batch_size = options.axis, options.batch_size
     if array.ndim not in (3, 4):
@@ -382,6 +386,7 @@ def segment_array_variants(model, array: np.ndarray, variants: list, options: In
     settings = [postprocess_settings(model.card) if v is None else v for v in variants]
     weights = [z_smooth_weight(v, model.card) for v in settings]  # a bad weight fails here, before any work
     seg = segmenter or segmenter_for(model, options, device)
+    rule = presence_rule(model, options.presence)
     reo = to_model_orientation(model.card, direction, array.shape)
     if reo is not None:
         if log is not None:
@@ -394,6 +399,11 @@ def segment_array_variants(model, array: np.ndarray, variants: list, options: In
     n = view.shape[0]
     out_hw = tuple(view.shape[1:3])
     lut = np.array([0] + model.card.label_values, dtype=np.uint8)
+    n_seg = int(seg.codes.shape[0])
+    scoring = rule is not None or record is not None
+    area = np.full((n, n_seg), np.nan) if scoring else None
+    confidence = np.full((n, n_seg), np.nan) if scoring else None
+    absent = np.zeros((n, n_seg), bool)  # segments the presence decision cleared, slice by slice
     # smoothing along the slices needs every slice's decoded image; otherwise each batch is classified at once
     keep = any(w > 0 for w in weights) and n > 1
     decoded = None
@@ -415,7 +425,13 @@ def segment_array_variants(model, array: np.ndarray, variants: list, options: In
                     decoded = torch.zeros((n,) + tuple(dec.shape[1:]), dtype=dec.dtype)
                 decoded[idx] = dec.cpu()
             with torch.inference_mode():
-                out[idx] = lut[classify(dec, seg.codes, out_hw).cpu().numpy()]
+                found = classify(dec, seg.codes, out_hw).cpu().numpy()
+                if scoring:
+                    area[idx], confidence[idx] = slice_scores(dec, seg.codes)
+                if rule is not None:
+                    absent[idx] = rule.absent(area[idx], confidence[idx])
+                    clear_absent(found, absent[idx])
+                out[idx] = lut[found]
             done += len(idx)
             if progress:
                 progress(done, n)
@@ -445,9 +461,31 @@ def segment_array_variants(model, array: np.ndarray, variants: list, options: In
             with torch.inference_mode():
                 for b in range(0, n, batch_size):
                     dec = z_smoothed(decoded, w, b, min(b + batch_size, n))
-                    labels[b:b + batch_size] = lut[classify(dec, seg.codes, out_hw).numpy()]
+                    found = classify(dec, seg.codes, out_hw).numpy()
+                    clear_absent(found, absent[b:b + batch_size])
+                    labels[b:b + batch_size] = lut[found]
         labels = apply_postprocess(labels, model.card, v)
         labels = np.moveaxis(labels, 0, axis)
         results.append(reo.undo(labels) if reo is not None else labels)
     seg.stats.seconds += time.perf_counter() - t0
+    seg.stats.extra["presence_cleared"] = seg.stats.extra.get("presence_cleared", 0) + int(absent.sum())
+    if record is not None:
+        record.update(area=area, confidence=confidence, axis=axis, reo=reo)
     return results
+
+
+def presence_rule(model, choice) -> PresenceRule | None:
+    """The presence decision to apply: ``choice`` True = the card's (None when it has none), False = none, or a
+    PresenceRule."""
+    if choice is False or choice is None:
+        return None
+    if isinstance(choice, PresenceRule):
+        return choice if choice.active else None
+    rule = PresenceRule.from_card(model.card.presence)
+    return rule if rule is not None and rule.active else None
+
+
+def clear_absent(found: np.ndarray, absent: np.ndarray) -> None:
+    """Segment indices (B, H, W) in place: segment k+1 cleared on the slices where ``absent[:, k]``."""
+    for b, k in zip(*np.nonzero(absent)):
+        found[b][found[b] == k + 1] = 0

@@ -30,14 +30,14 @@ from safetensors.torch import load_file
 from . import GMSError, __version__
 from .atomicfile import atomic_write
 from .augment import augment_pair
-from .data import SPLIT_SETTINGS, detect_layout, load_2d, load_3d, split_names, volume_orientation
+from .data import SPLIT_SETTINGS, detect_layout, load_2d, load_3d, read_split, split_names, volume_orientation
 from .lmm import LatentMappingModel, LMMConfig
 from .model import STATS, WEIGHTS, GMSModel
 from .modelcard import ModelCard
 from .modelpaths import resolve_model_path
 from .options import TrainConfig
 from .pipeline import classify, to_model_input, train_autocast, training_precision
-from .trainsegments import check_against_masks, training_segments
+from .trainsegments import check_against_masks, check_negatives, training_segments
 from .tensorfile import save_safetensors
 from .torchload import load_weights_only
 from .weights import sha256_file
@@ -224,6 +224,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
     # the segments (adapting: the model's unless given) and their check against the masks, before anything is written
     chosen = training_segments(cfg.segments, cfg.label_values, layout, base.card if base is not None else None)
     check_against_masks(chosen, root, layout, train_names + val_names)
+    if cfg.negative_list:
+        check_negatives(root, layout, cfg.negative_list, read_split(root)[cfg.negative_list])
     cfg = replace(cfg, segments=chosen.names)
     segments, label_values = chosen.segments, chosen.label_values
     out = Path(cfg.output)
@@ -491,6 +493,17 @@ def train(cfg: TrainConfig, events=None) -> Path:
         redo = ["gms", "postprocess", str(root), "--model", str(out)]
         redo += ["--weights-dir", str(cfg.weights_dir)] if cfg.weights_dir else []
         select_postprocess(out, root, weights_dir=cfg.weights_dir, device="cpu", command=shlex.join(redo))
+        if cfg.negative_list:  # the presence decision needs lesion-free validation cases to be chosen on
+            from .presencecal import calibrate_presence
+
+            report("stage", stage="presence")
+            redo = ["gms", "presence", str(root), "--model", str(out)]
+            redo += ["--weights-dir", str(cfg.weights_dir)] if cfg.weights_dir else []
+            calibrate_presence(out, root, weights_dir=cfg.weights_dir, device="cpu", command=shlex.join(redo),
+                               log=log)
+        else:
+            log("no presence decision: the validation cases hold no case without the segments (train with "
+                "--negatives LIST to learn and choose one, or run gms presence)")
     log(f"done: best validation Dice {best:.4f}; model folder {out}")
     report("result", path=str(out.resolve()), best=best)
     return out

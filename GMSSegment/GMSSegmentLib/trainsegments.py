@@ -109,6 +109,16 @@ def mask_values(root: Path, layout: str, cases: list[str]) -> Counter:
     return found
 
 
+def check_negatives(root: Path, layout: str, list_name: str, cases: list[str]) -> None:
+    """Refuse a list of cases 'without any segment' whose masks hold segment pixels (a wrong list would teach the
+    model to miss what it should find)."""
+    for case in cases:
+        held = sorted(int(v) for v in np.unique(_read_mask(root, layout, case)) if v)
+        if held:
+            raise GMSError(f"case '{case}' of the list '{list_name}' (cases without any segment, --negatives) has "
+                           f"mask values {held} in {root}; give a list whose masks are empty")
+
+
 def check_against_masks(chosen: TrainingSegments, root: Path, layout: str, cases: list[str]) -> None:
     """Refuse segments that do not match the masks of ``cases`` (see the module docstring)."""
     found = mask_values(root, layout, cases)

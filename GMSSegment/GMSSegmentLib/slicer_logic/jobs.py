@@ -65,7 +65,14 @@ class SegmentationJob(_WorkerJob):
             return "Starting the worker (loading the model)..."
         if self.state == JobState.SUCCEEDED:
             n = len(self.tasks)
-            return f"Done: {n} volume{'s' if n != 1 else ''} segmented in {self.elapsed:.1f} s"
+            text = f"Done: {n} volume{'s' if n != 1 else ''} segmented in {self.elapsed:.1f} s"
+            empty = [t for t in self.tasks if t.notFound]
+            if empty and not self.batch:
+                text += f" ({empty[0].foundText})"
+            elif empty:
+                text += f"; {empty[0].foundText if len({t.foundText for t in empty}) == 1 else 'not everything found'}" \
+                        f" in {len(empty)} of them"
+            return text
         if self.state == JobState.PARTIAL:
             ok = sum(t.state == TaskState.SUCCEEDED for t in self.tasks)
             return f"Done with errors: {ok} of {len(self.tasks)} volumes segmented"
@@ -195,9 +202,13 @@ class SegmentationJob(_WorkerJob):
         try:
             importResult(self.scene, t)
             t.state = TaskState.SUCCEEDED
+            if t.segmentationNodeID is None:  # every segment found nowhere: nothing added
+                self._logLine(f"{t.volumeName}: {t.foundText}; nothing imported")
+                return
             node = self.scene.GetNodeByID(t.segmentationNodeID)
             self._logLine(f"Imported {len(t.segmentIDs)} segment(s) of {t.volumeName} into "
-                          f"'{node.GetName() if node else t.segmentationNodeID}'")
+                          f"'{node.GetName() if node else t.segmentationNodeID}'"
+                          + (f" ({t.foundText})" if t.notFound else ""))
         except Exception as e:  # keep the scene unchanged for this volume; go on with the others
             log.exception("import of %s failed", t.outputPath)
             t.state = TaskState.FAILED
@@ -252,6 +263,8 @@ class TrainingJob(_WorkerJob):
             return 0.1 + 0.8 * min(1.0, max(parts, default=0.0))
         if self.stage == "options":
             return 0.9
+        if self.stage == "presence":
+            return 0.95
         return 0.0
 
     @property
@@ -273,6 +286,8 @@ class TrainingJob(_WorkerJob):
                 return f"Training: epoch {self.epoch} ({self.trainSeconds / 60:.1f}{budget} min){best}"
             if self.stage == "options":
                 return "Choosing the inference options on the validation cases..."
+            if self.stage == "presence":
+                return "Choosing the presence decision on the validation cases..."
             return "Starting the training worker..."
         if self.state == JobState.SUCCEEDED:
             best = f"validation Dice {self.bestDice:.3f}" if self.bestDice is not None else "trained"

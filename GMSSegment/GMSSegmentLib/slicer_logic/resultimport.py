@@ -189,12 +189,27 @@ def _snapToVolumeGeometry(image, volumeNode, tolerance: float = 1e-4) -> None:
         image.SetImageToWorldMatrix(_vtkMatrix(volumeMatrix))
 
 
+def _isEmpty(image) -> bool:
+    """A segment's image holds no voxel of the segment (an empty extent reports the scalar range (0, 1))."""
+    e = image.GetExtent()
+    if e[1] < e[0] or e[3] < e[2] or e[5] < e[4]:
+        return True
+    return image.GetScalarRange()[1] <= 0
+
+
 def importResult(scene, task: VolumeTask) -> None:
     """Import one result into the scene (new node, or new uniquely named segments); all or nothing."""
     volumeNode = scene.GetNodeByID(task.volumeNodeID)
     if volumeNode is None:
         raise ValueError("the input volume was removed from the scene")
     loaded = _readResultSegments(task.outputPath, task.segments)
+    # a segment the model found nowhere (e.g. decided absent by the card's presence decision) is not added: an empty
+    # segment would only be something the user has to delete; the task says what was not found instead
+    task.notFound = [s.name for s in loaded if _isEmpty(s.image)]
+    loaded = [s for s in loaded if not _isEmpty(s.image)]
+    if not loaded:
+        task.segmentationNodeID, task.segmentIDs, task.createdSegmentationNode = None, [], False
+        return
     for s in loaded:
         _snapToVolumeGeometry(s.image, volumeNode)
 

@@ -40,6 +40,12 @@ class VolumeTask:
     segmentationNodeID: str | None = None  # where the result went
     segmentIDs: list = field(default_factory=list)  # the segments added by this job
     createdSegmentationNode: bool = False
+    notFound: list = field(default_factory=list)  # segments of the model found nowhere in this volume
+
+    @property
+    def foundText(self) -> str:
+        """"no lesion found" (or "no left or right found") when the model found some of its segments nowhere."""
+        return f"no {' or '.join(self.notFound)} found" if self.notFound else ""
 
     @property
     def fraction(self) -> float:
