@@ -76,7 +76,7 @@ def test_read_stored_keeps_type_components_and_constant_images(tmp_path):
     assert geometry.dimension == 2 and geometry.size == (7, 6)
 
 
-def test_import_result_adds_a_new_segmentation_node_and_an_empty_segment(tmp_path):
+def test_import_result_adds_a_new_segmentation_node_without_the_segment_found_nowhere(tmp_path):
     slicer = pytest.importorskip("slicer")
     from GMSSegmentLib.slicer_logic import resultimport, states
 
@@ -100,6 +100,7 @@ def test_import_result_adds_a_new_segmentation_node_and_an_empty_segment(tmp_pat
     node = scene.GetNodeByID(task.segmentationNodeID)
     assert task.createdSegmentationNode and node.GetName() == "vol GMS segmentation"
     segmentation = node.GetSegmentation()
+    # "cyst" is nowhere in the result: no empty segment for the user to delete; the task says it was not found
     assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == \
-        ["lesion", "cyst"]
-    assert len(task.segmentIDs) == 2
+        ["lesion"]
+    assert len(task.segmentIDs) == 1 and task.notFound == ["cyst"] and task.foundText == "no cyst found"

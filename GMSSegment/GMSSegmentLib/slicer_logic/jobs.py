@@ -203,7 +203,7 @@ class SegmentationJob(_WorkerJob):
             importResult(self.scene, t)
             t.state = TaskState.SUCCEEDED
             if t.segmentationNodeID is None:  # every segment found nowhere: nothing added
-                self._logLine(f"{t.volumeName}: {t.foundText}; nothing imported")
+                self._logLine(f"Imported nothing of {t.volumeName}: {t.foundText}")
                 return
             node = self.scene.GetNodeByID(t.segmentationNodeID)
             self._logLine(f"Imported {len(t.segmentIDs)} segment(s) of {t.volumeName} into "
