@@ -24,21 +24,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from . import GMSError, __version__
 from .atomicfile import atomic_write
-from .augment import augment_pair
 from .data import SPLIT_SETTINGS, detect_layout, load_2d, load_3d, read_split, split_names, volume_orientation
 from .lmm import LatentMappingModel, LMMConfig
 from .model import STATS, WEIGHTS, GMSModel
 from .modelcard import ModelCard
 from .modelpaths import resolve_model_path
 from .options import TrainConfig
-from .pipeline import classify, to_model_input, train_autocast, training_precision
+from .latentcache import LatentCache, _resize_labels, code_image  # noqa: F401 (also imported from here)
+from .pipeline import training_precision
 from .trainsegments import check_against_masks, check_negatives, training_segments
-from .tensorfile import save_safetensors
+from .trainstep import (EpochRunner, decoded_dice_loss, dice_loss, learning_rate, per_image_dice,  # noqa: F401
+                        soft_probs, step_loss, validate)
 from .torchload import load_weights_only
 from .weights import sha256_file
 
@@ -52,143 +51,8 @@ def _log(msg: str, log_file: Path | None = None, echo: bool = True):
             f.write(line + "\n")
 
 
-def code_image(labels: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Label indices (H, W) -> RGB float image with each segment's code colour on black."""
-    allc = np.concatenate([np.zeros((1, 3), np.float32), codes.astype(np.float32)])
-    return allc[labels]
 
-
-def _resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
-    """Label indices -> size x size by per-class bilinear weights and argmax (smooth, no aliasing)."""
-    n = int(labels.max()) + 1
-    onehot = torch.from_numpy(np.stack([labels == i for i in range(max(n, 2))]).astype(np.float32))[None]
-    r = F.interpolate(onehot, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return r[0].argmax(0).numpy().astype(np.uint8)
-
-
-class LatentCache:
-    """Encoded latents of the (augmented) samples: image latents, mask latents and labels at the model size."""
-
-    def __init__(self, img: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, names: list[str], copies: int):
-        self.img, self.mask, self.labels, self.names, self.copies = img, mask, labels, names, copies
-
-    @classmethod
-    def build(cls, samples_fn, names: list[str], copies: int, foundation, size: int, codes: np.ndarray, seed: int,
-              path: Path | None, log=print, batch: int = 16, precision: str = "fp32",
-              progress=None) -> "LatentCache":
-        if path is not None and path.is_file():
-            t = load_file(str(path))
-            log(f"latent cache: loaded {path.name} ({t['img'].shape[0]} entries)")
-            return cls(t["img"], t["mask"], t["labels"], names, copies)
-        rng = np.random.default_rng(seed)
-        imgs, masks, labs = [], [], []
-        pend_i, pend_m = [], []
-        t0 = last_log = time.time()
-
-        def flush():
-            if not pend_i:
-                return
-            with torch.inference_mode(), train_autocast(torch.device("cpu"), precision):
-                x = torch.cat(pend_i).contiguous(memory_format=torch.channels_last)
-                y = to_model_input(np.stack(pend_m), size, "cpu")
-                imgs.append(foundation.encode(x).to(torch.float16))
-                masks.append(foundation.encode(y).to(torch.float16))
-            pend_i.clear()
-            pend_m.clear()
-
-        total = len(names) * copies
-        done = 0
-        for name in names:
-            for sample in samples_fn(name):
-                for c in range(copies):
-                    im, lab = (sample.image, sample.labels) if c == 0 else augment_pair(sample.image, sample.labels, rng)
-                    lab_s = _resize_labels(lab, size)
-                    pend_i.append(to_model_input(im[None], size, "cpu"))
-                    pend_m.append(code_image(lab_s, codes))
-                    labs.append(torch.from_numpy(lab_s))
-                    if len(pend_i) >= batch:
-                        flush()
-            done += copies
-            if progress is not None:
-                progress(done, total)
-            if time.time() - last_log > 30:
-                last_log = time.time()
-                log(f"latent cache: encoded {done}/{total} ({time.time() - t0:.0f} s)")
-        flush()
-        c = cls(torch.cat(imgs).contiguous(), torch.cat(masks).contiguous(), torch.stack(labs), names, copies)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_safetensors({"img": c.img, "mask": c.mask, "labels": c.labels}, path)
-        log(f"latent cache: {c.img.shape[0]} entries in {time.time() - t0:.0f} s")
-        return c
-
-
-def learning_rate(step: int, elapsed: float, lr: float, warm: int, total_steps: int, budget_s: float | None = None,
-                  floor: float = 0.0) -> float:
-    """Linear warm-up over ``warm`` steps, then cosine from ``lr`` down to ``floor * lr`` over the remaining steps
-    or, with a time budget (seconds), over whichever ends first."""
-    if step < warm:
-        return lr * (step + 1) / warm
-    frac = (step - warm) / max(1, total_steps - warm)
-    if budget_s:
-        frac = max(frac, elapsed / budget_s)
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-
-def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """prob, target: (B, K, H, W) -> mean soft Dice loss over samples and classes."""
-    inter = (prob * target).sum(dim=(2, 3))
-    den = prob.sum(dim=(2, 3)) + target.sum(dim=(2, 3))
-    return (1 - (2 * inter + eps) / (den + eps)).mean()
-
-
-def soft_probs(decoded: torch.Tensor, codes: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
-    """Decoded images (B, 3, S, S) -> foreground probabilities (B, K, S, S): binary = channel mean (the GMS rule),
-    several segments = softmax over negative squared distances to the code colours (background black)."""
-    if codes.shape[0] == 1:
-        return decoded.mean(dim=1, keepdim=True)
-    allc = torch.cat([torch.zeros(1, 3), codes]).to(decoded)
-    d = ((decoded.unsqueeze(1) - allc.view(1, -1, 3, 1, 1)) ** 2).sum(dim=2)
-    return torch.softmax(-d / temperature, dim=1)[:, 1:]
-
-
-def decoded_dice_loss(model: GMSModel, heads: list[torch.Tensor], labels: torch.Tensor,
-                      codes: torch.Tensor) -> torch.Tensor:
-    """Decoded-Dice term of some heads' predicted (standardised) mask latents for the same samples, (B, C, h, w)
-    each, against label indices (B, H, W): decoded in one batch through the frozen foundation decoder, one soft Dice
-    loss per head, summed (the paper sums the loss over its supervised heads)."""
-    z = model.denorm_mask(torch.cat([h.float() for h in heads])).contiguous(memory_format=torch.channels_last)
-    prob = soft_probs(model.foundation.decode(z).float(), codes)
-    target = torch.stack([labels == k for k in range(1, codes.shape[0] + 1)], dim=1).float()
-    return sum(dice_loss(p, target) for p in prob.split(len(labels)))
-
-
-def step_loss(model: GMSModel, outs: list[torch.Tensor], zm: torch.Tensor, labels: torch.Tensor, codes: torch.Tensor,
-              dice_samples: int, dice_heads: int = 1) -> torch.Tensor:
-    """The training loss of one batch: MSE of every supervised head's latent (heads 2-4; the first is not supervised)
-    against the standardised mask latents ``zm``, plus the decoded-Dice term of the last ``dice_heads`` heads on the
-    first ``dice_samples`` samples (0: none) against their label indices ``labels`` (B, H, W)."""
-    loss = sum(F.mse_loss(o.float(), zm) for o in outs[1:])
-    if dice_samples > 0:
-        d = min(dice_samples, len(zm))
-        loss = loss + decoded_dice_loss(model, [o[:d] for o in outs[-dice_heads:]], labels[:d], codes)
-    return loss
-
-
-def per_image_dice(pred: torch.Tensor, gt: torch.Tensor, n_seg: int) -> np.ndarray:
-    """pred, gt: (B, H, W) label indices -> (B,) Dice averaged over segments (both empty counts 1)."""
-    out = []
-    for b in range(pred.shape[0]):
-        ds = []
-        for k in range(1, n_seg + 1):
-            p, g = pred[b] == k, gt[b] == k
-            s = int(p.sum()) + int(g.sum())
-            ds.append(1.0 if s == 0 else 2.0 * int((p & g).sum()) / s)
-        out.append(np.mean(ds))
-    return np.array(out)
-
-
-def train(cfg: TrainConfig, events=None) -> Path:
+def train(cfg: TrainConfig, events=None) -> Path | None:
     """Train (or with ``cfg.init_from`` adapt) a model; returns its folder. ``events(kind, **fields)``, if given,
     receives what the worker protocol reports (``gms train --progress json``) instead of the log lines on stdout:
     ``log`` (message), ``stage`` (cache / training / options), ``progress`` (stage cache: done, total entries),
@@ -196,6 +60,8 @@ def train(cfg: TrainConfig, events=None) -> Path:
     done, total: the foundation weights fetched on first use) and at the end ``result`` (path, best). The log file in
     the work folder gets every log line either way."""
     from .autoencoders import foundation_fingerprint, load_foundation
+
+    t_begin = time.time()
 
     if not 0 <= cfg.ema < 1:  # checked before any data is read or encoded
         raise GMSError(f"--ema must be 0 (off) or a decay in (0, 1), got {cfg.ema}")
@@ -217,10 +83,14 @@ def train(cfg: TrainConfig, events=None) -> Path:
         cfg = replace(cfg, input_size=cfg.input_size or 224, axis=cfg.axis or 0)
     root = Path(cfg.data)
     adapt_note = None
-    if base is not None:
-        cfg, adapt_note = _keep_base_validation(cfg, base.card, root)
     layout = detect_layout(root)
-    train_names, val_names = split_names(root, **{k: getattr(cfg, k) for k in SPLIT_SETTINGS})
+    folds = _few_shot_folds(cfg, root) if base is not None else 0
+    if folds:  # every case trains and is scored by cross-validation (adapt.py): no validation part is carved
+        train_names, val_names = _all_cases(cfg, root), []
+    else:
+        if base is not None:
+            cfg, adapt_note = _keep_base_validation(cfg, base.card, root)
+        train_names, val_names = split_names(root, **{k: getattr(cfg, k) for k in SPLIT_SETTINGS})
     # the segments (adapting: the model's unless given) and their check against the masks, before anything is written
     chosen = training_segments(cfg.segments, cfg.label_values, layout, base.card if base is not None else None)
     check_against_masks(chosen, root, layout, train_names + val_names)
@@ -296,6 +166,21 @@ def train(cfg: TrainConfig, events=None) -> Path:
     tr = LatentCache.build(samples_fn, train_names, cfg.augment_copies, foundation, cfg.input_size, codes, cfg.seed,
                            train_cache, log, precision=precision,
                            progress=lambda d, _: report("progress", stage="cache", done=d, total=n_all))
+    if folds:
+        from . import adapt
+
+        card_training = {"data": str(root.name), "layout": layout, "train_cases": len(train_names),
+                         "validation_cases": 0, "label_values": label_values,
+                         "latent_cache": {"entries": int(tr.img.shape[0]), "seconds": round(time.time() - t_cache, 1),
+                                          "reused": cache_existed, "precision": precision},
+                         "init_from": base_ref, "precision": precision,
+                         "config": {k: v for k, v in asdict(cfg).items() if k not in ("data", "output", "weights_dir",
+                                                                                        "cache_dir", "work_dir")}}
+        done, estimate = adapt.run(cfg, base, base_ref, root, layout, train_names, tr, codes, precision, folds,
+                                   t_begin, card_training, log=log, report=report)
+        report("result", path=str(done.resolve()) if done is not None else None, adopted=done is not None,
+               estimate=estimate)
+        return done
     va = LatentCache.build(samples_fn, val_names, 1, foundation, cfg.input_size, codes, cfg.seed,
                            cache_dir / f"val-{key}.safetensors", log,
                            progress=lambda d, _: report("progress", stage="cache", done=n_tr + d, total=n_all))
@@ -348,15 +233,14 @@ def train(cfg: TrainConfig, events=None) -> Path:
     model.attach_foundation(foundation)
 
     model.card.training["precision"] = precision
-    step_net = lmm
-    if cfg.compile:
-        # full batches go through the compiled graph (static shapes: one compilation); a last partial batch and
-        # validation use the eager module, which shares the parameters
-        step_net = torch.compile(lmm, dynamic=False)
-        log("LMM training step compiled with torch.compile (the first step includes the compilation)")
-    model.card.training["compiled"] = bool(cfg.compile)
-    compiled_ok = False
     opt = torch.optim.AdamW(lmm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    runner = EpochRunner(model, lmm, opt, torch.from_numpy(codes), batch_size=cfg.batch_size,
+                         dice_samples=cfg.dice_samples, dice_heads=cfg.dice_heads, latent_noise=cfg.latent_noise,
+                         precision=precision, ema_lmm=ema_lmm, ema=cfg.ema, compile=cfg.compile, log=log)
+    if cfg.compile:
+        # full batches go through the compiled graph; a last partial batch and validation use the eager module,
+        # which shares the parameters
+        log("LMM training step compiled with torch.compile (the first step includes the compilation)")
     n_train = len(tr.img) // cfg.augment_copies
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
@@ -404,47 +288,11 @@ def train(cfg: TrainConfig, events=None) -> Path:
     epoch = start_epoch
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs):
-        lmm.train()
-        rng = np.random.default_rng(cfg.seed * 1000 + epoch)
-        order = rng.permutation(n_train)
-        copy = rng.integers(0, cfg.augment_copies, size=n_train)
-        idx_all = torch.from_numpy(order * cfg.augment_copies + copy[order])
-        t_ep, losses = time.time(), []
-        for b0 in range(0, n_train, cfg.batch_size):
-            idx = idx_all[b0:b0 + cfg.batch_size]
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(step, time.time() - t_start, cfg.lr, warm, total_steps, budget_s, cfg.min_lr)
-            zi = model.norm_image(tr_img[idx])
-            zm = model.norm_mask(tr_mask[idx])
-            if cfg.latent_noise > 0:
-                keep = (torch.rand(len(idx), 1, 1, 1) < 0.5).float()
-                zi = zi + keep * cfg.latent_noise * torch.randn_like(zi)
-            with train_autocast(cpu, precision):
-                zi = zi.contiguous(memory_format=torch.channels_last)
-                if step_net is not lmm and len(idx) == cfg.batch_size:
-                    try:
-                        outs = step_net(zi)
-                    except Exception as e:  # no C++ compiler, unsupported platform: train eagerly instead
-                        if compiled_ok:
-                            raise
-                        log(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training eagerly")
-                        step_net = lmm
-                        model.card.training["compiled"] = False
-                        outs = lmm(zi)
-                    compiled_ok = True
-                else:
-                    outs = lmm(zi)
-                loss = step_loss(model, outs, zm, tr_lab[idx[:cfg.dice_samples]], codes_t, cfg.dice_samples,
-                                 cfg.dice_heads)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema_lmm is not None:  # bias-corrected start: the average follows the weights closely at first
-                decay = min(cfg.ema, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(ema_lmm.parameters()), list(lmm.parameters()), 1 - decay)
-            losses.append(loss.item())
-            step += 1
+        t_ep = time.time()
+        losses, step = runner.epoch(tr_img, tr_mask, tr_lab, cfg.augment_copies, seed=cfg.seed, epoch=epoch,
+                                    step=step, lr_at=lambda k: learning_rate(k, time.time() - t_start, cfg.lr, warm,
+                                                                             total_steps, budget_s, cfg.min_lr))
+        model.card.training["compiled"] = runner.compiled
         elapsed = time.time() - t_start
         rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_s": time.time() - t_ep, "elapsed_s": elapsed}
         last_epoch = epoch + 1 == cfg.epochs
@@ -509,6 +357,27 @@ def train(cfg: TrainConfig, events=None) -> Path:
     return out
 
 
+def _all_cases(cfg: TrainConfig, root: Path) -> list[str]:
+    """Every case an adaptation judged by cross-validation trains on: the training list (its first --max-train) and
+    the --negatives list."""
+    split = read_split(root)
+    if cfg.train_list not in split:
+        raise GMSError(f"split.json of {root} has no list '{cfg.train_list}' (has {sorted(split)})")
+    names = sorted(split[cfg.train_list])[:cfg.max_train or None]
+    if cfg.negative_list:
+        if cfg.negative_list not in split:
+            raise GMSError(f"split.json of {root} has no list '{cfg.negative_list}' (has {sorted(split)})")
+        names = sorted(set(names) | set(split[cfg.negative_list]))
+    return names
+
+
+def _few_shot_folds(cfg: TrainConfig, root: Path) -> int:
+    """Folds of the cross-validation that judges this adaptation (adapt.cv_folds; 0: the usual carved validation)."""
+    from .adapt import cv_folds
+
+    return cv_folds(cfg.cv_folds, len(_all_cases(cfg, root)), True, bool(cfg.val_list or cfg.max_val))
+
+
 def _keep_base_validation(cfg: TrainConfig, base_card: ModelCard | dict, root: Path) -> tuple[TrainConfig, str | None]:
     """Adapting a model on the data set it was trained on, with its validation part carved from the training list:
     carve the same part (its seed and fraction), whatever --seed says, so that none of the cases the model was trained
@@ -547,17 +416,3 @@ def _init_model(cfg: TrainConfig) -> tuple[GMSModel, dict]:
     ref = {"name": base.card.name, "version": base.card.version,
            "weights_sha256": sha256_file(folder / WEIGHTS)}
     return base, ref
-
-
-@torch.inference_mode()
-def validate(model: GMSModel, img_lat: torch.Tensor, labels: torch.Tensor, codes: torch.Tensor, n_seg: int,
-             batch: int = 16) -> float:
-    model.lmm.eval()
-    scores = []
-    for i in range(0, len(img_lat), batch):
-        z = model.denorm_mask(model.lmm(model.norm_image(img_lat[i:i + batch]), final_only=True))
-        dec = model.foundation.decode(z.contiguous(memory_format=torch.channels_last))
-        pred = classify(dec, codes, tuple(labels.shape[-2:]))
-        scores.append(per_image_dice(pred, labels[i:i + batch], n_seg))
-    model.lmm.train()
-    return float(np.concatenate(scores).mean())
