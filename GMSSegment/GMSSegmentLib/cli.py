@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list in split.json of cases without any segment (empty masks, e.g. normal images): trained "
                         "on so that the model learns to answer 'nothing here'; --val-fraction of it is kept for "
                         "validation and for choosing the presence decision")
+    t.add_argument("--cv-folds", type=int, default=None,
+                   help="adapting (--init-from): folds of the cross-validation over all the cases that decides "
+                        "whether the adapted model is better than the starting one (default: 5 when adapting with "
+                        "at most 60 cases and neither --val-list nor --max-val, else 0 = off: validation carved from the cases)")
     t.add_argument("--max-train", type=int, default=None, help="use only the first N training cases")
     t.add_argument("--max-val", type=int, default=None)
     t.add_argument("--augment-copies", type=int, default=4, help="augmented copies per sample in the latent cache")

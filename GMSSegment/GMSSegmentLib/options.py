@@ -101,6 +101,8 @@ class TrainConfig:
     description: str | None = None
     init_from: str | None = None  # a model (folder or installed name) whose LMM weights and latent statistics start
     #                               the training: adapting it to new data instead of training from scratch
+    cv_folds: int | None = None  # adapting: folds of the cross-validation that decides whether adapting helps (None:
+    #                              5 with --init-from and at most adapt.FEW_SHOT_MAX cases, else 0 = off; adapt.py)
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
