@@ -11,6 +11,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 from typing import Optional
 
 import ctk
@@ -485,7 +486,14 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onJobFinished(self, job) -> None:
         if isinstance(job, slicer_logic.TrainingJob):
-            if job.state == slicer_logic.JobState.SUCCEEDED:
+            if job.state == slicer_logic.JobState.SUCCEEDED and job.refused:
+                slicer.util.infoDisplay(job.statusText, detailedText="\n".join(job.log[-40:]))
+            elif job.state == slicer_logic.JobState.SUCCEEDED:
+                if job.estimate is not None and not slicer.util.confirmYesNoDisplay(
+                        job.statusText + "\n\n" + _("Keep the adapted model and select it?")):
+                    shutil.rmtree(job.modelDir, ignore_errors=True)
+                    self.ui.statusLabel.text = _("The adapted model was discarded.")
+                    return
                 self._populateModels()
                 self._parameterNode.modelPath = pathlib.Path(job.modelDir)
                 slicer.util.infoDisplay(job.statusText + "\n" + _("It is now the selected model."))

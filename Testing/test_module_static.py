@@ -633,3 +633,55 @@ def test_model_summary_states_purpose_accuracy_and_licence(module):
     assert "Dice 0.812 (held-out validation cases, 3 cases)" in text and "Adapted from busi-lesion." in text
     del adapted["metrics"]
     assert "Dice" not in slicer_logic.modelSummary(adapted)
+
+
+def test_adapting_shows_the_cross_validated_estimate_before_the_model_is_kept(module, monkeypatch, tmp_path):
+    """When adapting ends, the user sees the cross-validated before/after Dice with its uncertainty: a refused
+    adaptation is one message (no model), an adopted one asks whether to keep the model; No removes it, Yes selects
+    it."""
+    import shutil
+    import types as t
+
+    import slicer
+
+    from GMSSegmentLib import slicer_logic
+
+    shown = []
+    monkeypatch.setattr(slicer.util, "infoDisplay", lambda text, **kw: shown.append(("info", text)), raising=False)
+    answers = []
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay",
+                        lambda text, **kw: shown.append(("ask", text)) or answers.pop(0), raising=False)
+    estimate = {"cases": 20, "folds": 5, "before": 0.83, "after": 0.881, "gain": 0.051, "se": 0.013, "better": 17,
+                "worse": 3, "adopted": True}
+
+    def finished_job(folder, refused):
+        job = object.__new__(slicer_logic.TrainingJob)  # the state a finished worker leaves, without a worker
+        job.state, job.refused, job.estimate = slicer_logic.JobState.SUCCEEDED, refused, dict(estimate)
+        job.modelDir, job._log, job._cancelRequested = folder, [], False
+        return job
+
+    widget = t.SimpleNamespace(ui=t.SimpleNamespace(statusLabel=t.SimpleNamespace(text="")),
+                               _populateModels=lambda: None,
+                               _parameterNode=t.SimpleNamespace())
+    finish = module.GMSSegmentWidget._onJobFinished
+
+    monkeypatch.setattr(slicer_logic.TrainingJob, "elapsed", property(lambda self: 540.0))
+    refused = finished_job("", True)
+    refused.estimate.update(after=0.824, gain=-0.006, se=0.009, better=8, worse=12, adopted=False)
+    finish(widget, refused)
+    assert shown[-1][0] == "info" and shown[-1][1].startswith(
+        "No model saved: cross-validated Dice 83.0 -> 82.4 (gain -0.6 ± 0.9 over 20 cases, 8 better, 12 worse)")
+
+    folder = tmp_path / "adapted"
+    shutil.copytree(MODULE_DIR / "Resources" / "Models" / "kvasir-polyp", folder)
+    answers.append(False)
+    finish(widget, finished_job(str(folder), False))
+    assert shown[-1][0] == "ask" and "cross-validated Dice 83.0 -> 88.1 (gain +5.1 ± 1.3 over 20 cases" in shown[-1][1]
+    assert not folder.exists() and widget.ui.statusLabel.text == "The adapted model was discarded."
+
+    shutil.copytree(MODULE_DIR / "Resources" / "Models" / "kvasir-polyp", folder)
+    answers.append(True)
+    finish(widget, finished_job(str(folder), False))
+    assert folder.is_dir() and widget._parameterNode.modelPath == Path(folder)
+    assert shown[-1] == ("info", shown[-2][1].split("\n\n")[0] + "\nIt is now the selected model.")
+    assert not answers

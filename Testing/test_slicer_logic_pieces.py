@@ -246,7 +246,7 @@ def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(
         [(v.GetID(), s.GetID()) for v, s in pairs]
     assert logic.trainingPairs(scene, ["anterior", "tail"]) == []
     fast = ["--epochs", "1", "--augment-copies", "1", "--warmup-epochs", "1", "--val-fraction", "0.5",
-            "--no-postprocess-select"]
+            "--no-postprocess-select", "--cv-folds", "0"]
     models = tmp_path / "models"
     with pytest.raises(ValueError, match="at least 2 segmented volumes"):
         logic.startTraining(pairs[:1], names, str(models / "a"), initFrom="hippocampus")
@@ -298,6 +298,24 @@ def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(
     assert job.bestDice == pytest.approx(max(h["val_dice"] for h in card["training"]["history"]))
     assert [s["name"] for s in card["segments"]] == names
     assert "Done: model 'hippocampus-adapted' saved" in job.statusText
+
+    # the default for a few cases: cross-validated; adapting that changes nothing (learning rate 0) is refused, the
+    # job succeeds without a model and says so
+    refused = models / "refused"
+    job = logic.startTraining(pairs, names, str(refused), initFrom="hippocampus",
+                              extraArgs=["--epochs", "1", "--augment-copies", "1", "--lr", "0"])
+    stages = []
+    while not job.finished and time.monotonic() < deadline + JOB_TIMEOUT:
+        job.poll()
+        if not stages or stages[-1] != job.stage:
+            stages.append(job.stage)
+        time.sleep(0.05)
+    assert job.state == L.JobState.SUCCEEDED and job.refused, (job.errorMessage, job.log[-20:])
+    assert "cross-validation" in stages and job.foldsTotal == 2 and job.progress == 1.0
+    assert job.estimate["cases"] == 2 and job.estimate["gain"] == 0 and job.estimate["adopted"] is False
+    assert job.statusText.startswith("No model saved: cross-validated Dice ")
+    assert "keep using the starting model" in job.statusText
+    assert not refused.exists() and job.modelDir == ""
     assert os.listdir(tmp_path / "jobs") == []  # export, latents and work folder removed
 
     # cancelled while training: within 2 s, nothing written, the worker's process group gone
@@ -399,7 +417,7 @@ def test_2d_images_export_as_png_pairs_that_adapt_a_2d_model(scene, shared_dir, 
     out = tmp_path / "models" / "busi-adapted"
     job = logic.startTraining(pairs, ["lesion"], str(out), initFrom="busi-lesion",
                               extraArgs=["--epochs", "1", "--augment-copies", "1", "--warmup-epochs", "1",
-                                         "--val-fraction", "0.5", "--no-postprocess-select"])
+                                         "--val-fraction", "0.5", "--no-postprocess-select", "--cv-folds", "0"])
     assert job.wait(JOB_TIMEOUT) == L.JobState.SUCCEEDED, (job.errorMessage, job.log[-20:])
     card = card_of(out)
     assert card["dimension"] == 2 and card["input_size"] == 224 and card["normalization"] == {"mode": "photo"}

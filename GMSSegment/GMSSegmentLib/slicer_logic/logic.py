@@ -221,16 +221,19 @@ class SegmentationLogic:
         :meth:`TrainingJob.poll` reads one pair from the scene and a thread writes its files, so Slicer stays
         responsive; everything is checked here, before the job starts; label k+1 = ``segmentNames[k]``) as 3D volumes
         or, for a 2D model (card ``dimension`` 2; without ``initFrom``: when every volume is a single slice), as 8-bit
-        PNG images; the worker is ``python -m GMSSegmentLib train ... --progress json``, which carves its validation
-        cases from the pairs and keeps the starting model unless training beats it on them. ``maxMinutes`` bounds the
-        training time. The new model is written to ``outputFolder`` only when the job succeeded (put it in a folder of
+        PNG images; the worker is ``python -m GMSSegmentLib train ... --progress json``. Adapting with up to 60 pairs,
+        it cross-validates (every pair scored by a model adapted on the others, against the starting model, with the
+        starting model's inference options) and writes a model only when adapting reliably helps
+        (``TrainingJob.estimate``; ``TrainingJob.refused`` when it did not). ``maxMinutes`` bounds the whole run. The
+        new model is written to ``outputFolder`` only when the job succeeded with one (put it in a folder of
         ``GMS_MODELS_DIR`` to find it by name).
 
         Raises ValueError (clear message, nothing written, nothing started) for invalid input."""
         if self.running:
             raise ValueError("a job is already running; cancel it or wait until it finished")
         if len(pairs) < 2:
-            raise ValueError("adapting a model needs at least 2 segmented volumes (one is kept aside to validate on)")
+            raise ValueError("adapting a model needs at least 2 segmented volumes (each is scored by a model adapted "
+                             "on the others)")
         if not outputFolder or not str(outputFolder).strip():
             raise ValueError("choose a folder for the new model")
         outputFolder = os.path.abspath(os.path.expanduser(str(outputFolder)))
