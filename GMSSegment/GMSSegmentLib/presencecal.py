@@ -42,6 +42,18 @@ def case_records(m, seg, root: Path, layout: str, name: str, batch_size: int = 8
     return out
 
 
+def measured_note(summary: dict, max_dice_cost: float) -> str:
+    """What the choice rests on, in words for the card: with validation cases without the segment, how many it
+    empties; without any, plainly that this was not measured."""
+    cost = f"at most {100 * max_dice_cost:g} points of mean Dice" if max_dice_cost else "no Dice at all"
+    if summary["negatives"]:
+        return (f"chosen to empty the most of {summary['negatives']} validation cases without the segment while "
+                f"costing the {summary['positives']} with it {cost}; measured on validation only")
+    return (f"the validation cases all hold the segment, so how often the decision empties a case without it was "
+            f"NOT measured; chosen as the strictest setting that costs the cases with it {cost}, which guards "
+            "against clearly absent findings only")
+
+
 def calibrate_presence(model, data, max_dice_cost: float = DEFAULT_MAX_DICE_COST, weights_dir=None,
                        device="auto", batch_size: int = 8, write: bool = True, command: str | None = None,
                        log=print) -> Calibration:
@@ -60,7 +72,8 @@ def calibrate_presence(model, data, max_dice_cost: float = DEFAULT_MAX_DICE_COST
         f"{s['negatives']}, present and predicted empty {s['positives_lost']}")
     if write:
         entry = cal.rule.to_card(selected_on=f"{len(names)} validation cases", max_dice_cost=max_dice_cost,
-                                 validation=s, command=command, date=time.strftime("%Y-%m-%d"))
+                                 validation=s, measured=measured_note(s, max_dice_cost), command=command,
+                                 date=time.strftime("%Y-%m-%d"))
 
         def change(card: ModelCard):
             card.presence = entry
