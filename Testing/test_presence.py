@@ -140,3 +140,25 @@ def test_evaluation_reports_sensitivity_and_specificity(busi_dir):
     assert (s["cases_with"], s["cases_without"]) == (1, 1)
     assert s["found"] == 1 and s["sensitivity"] == 1.0
     assert s["predicted_empty"] == s["pred_empty"] and s["specificity"] == float(s["pred_empty"])
+
+
+def test_bundled_presence_decisions_say_what_was_measured():
+    """Every bundled model's presence decision was chosen on its validation cases within its Dice cost, and its card
+    says in words what that rests on: without lesion-free validation cases, plainly that how often it empties such a
+    case was not measured."""
+    from GMSSegmentLib.card import load_card
+    from GMSSegmentLib.presencecal import measured_note
+
+    found = 0
+    for name in ("busi-lesion", "kvasir-polyp", "hippocampus"):
+        card = load_card(resolve_model_path(name) / "card.json")
+        p = card.presence
+        if not p:
+            continue
+        found += 1
+        v = p["validation"]
+        assert v["dice_before"] - v["dice_after"] <= p["max_dice_cost"] + 1e-4, name
+        assert p["measured"] == measured_note(v, p["max_dice_cost"]), name
+        assert ("NOT measured" in p["measured"]) == (v["negatives"] == 0), name
+        assert PresenceRule.from_card(p).active and p["command"].startswith("gms ") and name in p["command"]
+    assert found >= 2
