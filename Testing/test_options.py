@@ -39,7 +39,7 @@ def test_train_config_takes_every_field_from_the_command_line():
             "--latent-noise", "0.1", "--no-postprocess-select", "--precision", "fp32", "--ema", "0.99", "--compile",
             "--seed", "3", "--split-seed", "4", "--val-every", "2", "--keep-every", "5", "--cache-dir", "C",
             "--work-dir", "WD", "--no-resume", "--licence", "L", "--citation", "Ci", "--description", "De",
-            "--init-from", "busi-lesion"]
+            "--init-from", "busi-lesion", "--cv-folds", "3"]
     cfg = TrainConfig.from_args(build_parser().parse_args(argv))
     default = TrainConfig(data="x", output="y")
     same = [f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) == getattr(default, f.name)]

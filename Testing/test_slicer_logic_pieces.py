@@ -321,7 +321,8 @@ def test_scene_pairs_export_as_a_training_set_that_the_worker_adapts_a_model_on(
     # cancelled while training: within 2 s, nothing written, the worker's process group gone
     cancelled = models / "cancelled"
     job = logic.startTraining(pairs, names, str(cancelled), initFrom="hippocampus",
-                              extraArgs=["--epochs", "200", "--augment-copies", "1", "--val-fraction", "0.5"])
+                              extraArgs=["--epochs", "200", "--augment-copies", "1", "--val-fraction", "0.5",
+                                         "--cv-folds", "0"])
     assert wait_until(lambda: job.finished or job.epoch >= 1, JOB_TIMEOUT, job), job.log[-10:]
     assert job.running, (job.errorMessage, job.log[-10:])
     t0 = time.monotonic()
