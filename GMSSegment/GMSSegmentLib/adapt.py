@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import GMSError
+from .model import STATS
+
 #: adapting from a model with at most this many cases is judged by cross-validation (``--cv-folds`` overrides)
 FEW_SHOT_MAX = 60
 #: folds of the cross-validation (fewer when there are fewer cases)
@@ -53,10 +56,8 @@ def cv_folds(requested: int | None, n_cases: int, adapting: bool, explicit_valid
     (``explicit_validation``: --val-list or --max-val)."""
     if requested is not None:
         if requested == 1 or requested < 0:
-            from . import GMSError
             raise GMSError(f"--cv-folds must be 0 (off) or at least 2, got {requested}")
         if requested > n_cases:
-            from . import GMSError
             raise GMSError(f"--cv-folds {requested} is more than the {n_cases} cases to adapt on")
         return requested
     if adapting and not explicit_validation and 2 <= n_cases <= FEW_SHOT_MAX:
@@ -132,10 +133,15 @@ class Recipe:
 
 
 def recipe_for(cfg, k: int) -> Recipe:
-    """The adaptation recipe for ``k`` cases: the configuration's learning rate and warm-up; its epochs unless more
-    than the budget allows (the caller cuts by time)."""
+    """The adaptation recipe for ``k`` cases: the configuration's epochs (the caller cuts them by time), learning rate
+    and warm-up (at most a tenth of the epochs); no pull toward the starting weights (experiments/ tries one)."""
     return Recipe(epochs=cfg.epochs, lr=cfg.lr, warmup_epochs=min(cfg.warmup_epochs, max(1, cfg.epochs // 10)),
-                  anchor=getattr(cfg, "anchor", 0.0) or 0.0)
+                  anchor=0.0)
+
+
+def latent_stats(model) -> dict:
+    """A model's latent statistics, as GMSModel takes them."""
+    return {k: getattr(model, k).flatten() for k in STATS}
 
 
 def fit_fold(base, cache, entries: torch.Tensor, copies: int, codes: torch.Tensor, cfg, recipe: Recipe,
@@ -147,8 +153,7 @@ def fit_fold(base, cache, entries: torch.Tensor, copies: int, codes: torch.Tenso
 
     lmm = deepcopy(base.lmm).train().requires_grad_(True).to(memory_format=torch.channels_last)
     ema_lmm = deepcopy(lmm).requires_grad_(False) if cfg.ema > 0 else None
-    model = GMSModel(base.card, ema_lmm if ema_lmm is not None else lmm,
-                     {k: getattr(base, k).flatten() for k in ("image_mean", "image_std", "mask_mean", "mask_std")})
+    model = GMSModel(base.card, ema_lmm if ema_lmm is not None else lmm, latent_stats(base))
     model.attach_foundation(base.foundation)
     opt = torch.optim.AdamW(lmm.parameters(), lr=recipe.lr, weight_decay=cfg.weight_decay)
     runner = EpochRunner(model, lmm, opt, codes, batch_size=cfg.batch_size, dice_samples=cfg.dice_samples,
@@ -254,8 +259,7 @@ def run(cfg, base, base_ref: dict, root: Path, layout: str, names: list[str], ca
     for k in ("licence", "citation"):
         if getattr(cfg, k, None):
             card[k] = getattr(cfg, k)
-    stats = {k: getattr(base, k).flatten() for k in ("image_mean", "image_std", "mask_mean", "mask_std")}
     out = Path(cfg.output)
-    GMSModel(card, lmm, stats).save(out, overwrite=True)
+    GMSModel(card, lmm, latent_stats(base)).save(out, overwrite=True)
     log(f"adapted model saved to {out} (the starting model's inference options and presence decision kept)")
     return out, summary
