@@ -47,6 +47,10 @@ def test_decision_needs_a_gain_beyond_its_noise():
     assert s["before"] == 0.8 and s["after"] == pytest.approx(0.8 + noisy.gain, abs=1e-4)
     assert "does not reliably help" in noisy.sentence() and "no model is written" in noisy.sentence()
     assert "adapting helps" in clear.sentence()
+    few = {str(i): 0.55 for i in range(5)}  # five cases, a large clear gain: too few to trust (one video's frames)
+    five = decide(few, {c: v + 0.25 + 0.01 * int(c) for c, v in few.items()})
+    assert five.gain - Z * five.se > 0 and not five.adopted and not five.summary()["adopted"]
+    assert "too few cases" in five.sentence() and "at least 10" in five.sentence()
     one = decide({"a": 0.5}, {"a": 0.9})  # one case: no spread to judge by
     assert math.isinf(one.se) and not one.adopted and one.summary()["se"] is None
     with pytest.raises(ValueError):
@@ -91,23 +95,23 @@ def test_adaptation_that_does_not_help_is_refused_and_writes_nothing(shared_dir,
 
 
 def test_adaptation_that_helps_is_adopted_with_the_starting_models_options(shared_dir, tmp_path):
-    """Five frames of another site: every frame is scored by a model adapted on the other four; the gain clears its
-    noise, so the model adapted on all five is saved with the starting model's segments, test-time options,
-    post-processing and presence decision, and its card records the estimate."""
+    """Ten frames of a video of another site on which the starting model is poor: every frame is scored by a model
+    adapted on the other folds; the gain clears its noise, so the model adapted on all ten is saved with the starting
+    model's segments, test-time options, post-processing and presence decision, and its card records the estimate."""
     from conftest import run_gms
     from GMSSegmentLib.modelpaths import resolve_model_path
 
     base = json.loads((resolve_model_path("kvasir-polyp") / "card.json").read_text())
-    site = _site(shared_dir, tmp_path, [1, 7, 13, 19, 25])
+    site = _site(shared_dir, tmp_path, [1, 3, 5, 7, 9, 11, 13, 15, 17, 19])
     out = tmp_path / "adapted"
     p = run_gms("--threads", "2", "train", site, "--init-from", "kvasir-polyp", "-o", out, "--epochs", "3",
                 "--augment-copies", "1", check=True)
-    assert "cross-validated on 5 cases (5 folds)" in p.stdout and "adapting helps" in p.stdout
+    assert "cross-validated on 10 cases (5 folds)" in p.stdout and "adapting helps" in p.stdout, p.stdout
     card = json.loads((out / "card.json").read_text())
     est = card["training"]["adaptation"]
     assert est["adopted"] and est["after"] > est["before"] and est["gain"] - Z * est["se"] > 0
     assert card["metrics"]["adaptation"]["dice_before"] == est["before"]
     for key in ("segments", "tta", "postprocess", "input_size", "normalization"):
         assert card.get(key) == base.get(key), key
-    assert card["training"]["init_from"]["name"] == "kvasir-polyp" and card["training"]["train_cases"] == 5
+    assert card["training"]["init_from"]["name"] == "kvasir-polyp" and card["training"]["train_cases"] == 10
     assert card["name"] == "adapted"
