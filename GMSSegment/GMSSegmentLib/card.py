@@ -164,6 +164,13 @@ def _check_options(card: dict) -> None:
             if key in presence:
                 _require(_is_number(presence[key], 0.0, 1.0), f"presence.{key}", "a number from 0 to 1",
                          presence[key])
+    unc = _object(card, "uncertainty", "uncertainty")
+    if unc and "temperature" in unc:
+        _require(_is_number(unc["temperature"], 0.01, 10.0), "uncertainty.temperature", "a number from 0.01 to 10",
+                 unc["temperature"])
+    if unc and "boundary_sigma" in unc:
+        _require(_is_number(unc["boundary_sigma"], 0.0, 64.0), "uncertainty.boundary_sigma", "a number from 0 to 64",
+                 unc["boundary_sigma"])
 
 
 def _check_training(card: dict) -> None:

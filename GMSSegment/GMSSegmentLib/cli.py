@@ -46,13 +46,14 @@ def default_output(input_path: str, out_dir: Path | None, fmt: str | None) -> Pa
 
 # -- segment ------------------------------------------------------------------------------------------------------------
 def cmd_segment(args, rep: Reporter) -> int:
-    from .outputplan import output_problems, png_label_problem
+    from .outputplan import map_output, output_problems, png_label_problem
 
     if args.jobs:
         try:
             jobs = json.loads(Path(args.jobs).read_text())
-            jobs = [{"input": str(j["input"]), "output": str(j["output"])} for j in jobs]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            jobs = [{"input": str(j["input"]), "output": str(j["output"]),
+                     **({"uncertainty": str(j["uncertainty"])} if j.get("uncertainty") else {})} for j in jobs]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise GMSError(f"cannot read the jobs file {args.jobs}: {e}") from None
     else:
         if not args.inputs:
@@ -66,10 +67,23 @@ def cmd_segment(args, rep: Reporter) -> int:
             out = args.output or str(default_output(args.inputs[0], None, args.format))
             jobs = [{"input": args.inputs[0], "output": out}]
     batch = len(jobs) > 1 or bool(args.jobs)
+    if args.uncertainty:
+        if batch and not Path(args.uncertainty).is_dir():
+            raise GMSError(f"with several inputs, --uncertainty must be an existing folder: {args.uncertainty}")
+        for j in jobs:
+            j["uncertainty"] = map_output(j["output"], args.uncertainty) if batch else args.uncertainty
     n_ok = n_failed = 0
     # every output is checked before any model is loaded: a single input's problem is the command's error; a batch
-    # item's is that item's error, and the other items run
-    problems = output_problems(jobs, overwrite=args.overwrite)
+    # item's is that item's error, and the other items run. Uncertainty maps are checked as outputs of their item.
+    maps = [i for i, j in enumerate(jobs) if j.get("uncertainty")]
+    checked = output_problems(jobs + [{"input": jobs[i]["input"], "output": jobs[i]["uncertainty"]} for i in maps],
+                              overwrite=args.overwrite)
+    problems = checked[:len(jobs)]
+    for k, i in enumerate(maps):
+        if jobs[i]["uncertainty"].lower().endswith(".seg.nrrd"):
+            checked[len(jobs) + k] = (f"cannot write the uncertainty map {jobs[i]['uncertainty']}: a .seg.nrrd holds "
+                                      "labels; use .nrrd, .nii.gz or .png")
+        problems[i] = problems[i] or checked[len(jobs) + k]
     for i, problem in enumerate(problems):
         if problem is not None:
             if not batch:
@@ -80,7 +94,9 @@ def cmd_segment(args, rep: Reporter) -> int:
 
     if todo:  # PyTorch is imported only now
         from .imageio import read_image, write_labels
+        from .labelwrite import write_map
         from .model import load_model, resolve_model_path
+        from .uncertainty import result_uncertainty, settings_of
         from .options import InferenceOptions
         from .pipeline import pick_device, segment_array, segmenter_for
 
@@ -108,20 +124,34 @@ def cmd_segment(args, rep: Reporter) -> int:
                     rep.start(total, desc=name, input=job["input"], **extra)
                 rep.progress(done, total, **extra)
 
+            soft: dict = {}
             labels = segment_array(model, img.array, options, segmenter=segmenter,
                                    spacing_zyx=img.geometry.spacing_zyx, direction=img.geometry.direction,
-                                   log=lambda msg: rep.log(f"{name}: {msg}"), progress=progress)
+                                   log=lambda msg: rep.log(f"{name}: {msg}"), progress=progress, soft=soft)
             rep.close_bar()
+            unc = result_uncertainty(soft, *settings_of(model.card), with_map=bool(job.get("uncertainty")))
+            del soft
             present = [s for s in model.segments if (labels == s.label).any()]
-            path = write_labels(job["output"], labels, img.geometry, [s.to_dict() for s in model.segments],
-                                overwrite=args.overwrite)
+            map_path = None
+            if job.get("uncertainty"):
+                map_path = write_map(job["uncertainty"], unc.map, img.geometry, overwrite=args.overwrite)
+            try:
+                path = write_labels(job["output"], labels, img.geometry, [s.to_dict() for s in model.segments],
+                                    overwrite=args.overwrite)
+            except GMSError:
+                if map_path is not None:  # no map without its mask
+                    Path(map_path).unlink(missing_ok=True)
+                raise
             secs = time.perf_counter() - t0
+            slices = {"slice_uncertainty": {"axis": unc.axis, "scores": [round(float(v), 4) for v in unc.slices]}
+                      } if unc.slices.size > 1 else {}
             rep.emit("result", path=path, input=job["input"], seconds=round(secs, 3),
                      segments=[{"name": s.name, "label": s.label, "color": s.color} for s in model.segments],
-                     present=[s.name for s in present], **extra)
+                     present=[s.name for s in present], uncertainty=round(unc.score, 4),
+                     **({"uncertainty_path": map_path} if map_path else {}), **slices, **extra)
             if rep.mode != "json":
                 names = found_text([s.name for s in model.segments], [s.name for s in present])
-                print(f"{job['input']} -> {path} ({secs:.1f} s; {names})", flush=True)
+                print(f"{job['input']} -> {path} ({secs:.1f} s; {names}; uncertainty {unc.score:.2f})", flush=True)
             n_ok += 1
         except GMSError as e:
             n_failed += 1
@@ -178,6 +208,14 @@ def cmd_evaluate(args, rep: Reporter) -> int:
              csv_path=args.csv, resolution=args.resolution, weights_dir=args.weights_dir, device=args.device,
              limit=args.limit, reporter=rep, record=args.record,
              command="gms " + " ".join(sys.argv[1:]) if args.record else None)
+    return 0
+
+
+def cmd_uncertainty(args, rep: Reporter) -> int:
+    from .uncertaintycal import calibrate_uncertainty
+
+    calibrate_uncertainty(args.model, args.data, weights_dir=args.weights_dir, device=args.device,
+                          batch_size=args.batch_size, command="gms " + " ".join(sys.argv[1:]))
     return 0
 
 
@@ -280,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-tta", action="store_true",
                    help="skip the model card's test-time augmentation (flip views and larger input sizes, if "
                         "chosen on validation; 2 to 16 times the model's work per slice)")
+    s.add_argument("--uncertainty", metavar="UNC",
+                   help="also write each result's uncertainty map (0 = sure, 1 = on the decision boundary): a float32 "
+                        ".nrrd/.nii.gz/.nii/.mha on the input's grid, or an 8-bit .png for a 2D image (255 = most "
+                        "uncertain); with several inputs a folder, each map named as its mask")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
     common(s)
     s.set_defaults(func=cmd_segment)
@@ -388,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--record", action="store_true", help="write the summary into the model card's metrics")
     common(e)
     e.set_defaults(func=cmd_evaluate)
+
+    un = sub.add_parser("uncertainty", help="choose the temperature of a model's uncertainty (the score printed "
+                        "with each result and the --uncertainty map) on the model's validation cases and store it "
+                        "in its card")
+    un.add_argument("data", help="the data set the model was trained on")
+    un.add_argument("--batch-size", type=int, default=8)
+    common(un, precision=False)
+    un.set_defaults(func=cmd_uncertainty)
 
     pp = sub.add_parser("postprocess", help="choose the inference options (test-time augmentation with 1, 2 or 4 "
                         "flip views (8 with --views: the flips and 90-degree rotations) at the model's input size alone or with a second, larger size; post-processing "

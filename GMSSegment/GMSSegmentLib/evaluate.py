@@ -22,6 +22,8 @@ from .model import CARD, load_model, resolve_model_path
 from .modelcard import ModelCard, TTAOptions
 from .options import InferenceOptions
 from .pipeline import FastDecodeSettings, SliceSegmenter, ViewCache, pick_device, segment_array_variants, segmenter_for
+from .uncertainty import settings_of
+from .uncertaintycheck import UncertaintyCheck
 
 
 def _resize_image(arr: np.ndarray, size: int) -> np.ndarray:
@@ -64,20 +66,25 @@ def evaluate(model, data, options: InferenceOptions | None = None, *, list_name=
     seg_labels = m.card.label_values
     seg_names = {s.label: s.name for s in m.segments}
     rows = []
+    unc = UncertaintyCheck(*settings_of(m.card), seg_labels)
     t0 = time.perf_counter()
     for k, name in enumerate(names):
+        soft: dict = {}
         (pred,), gt, spacing = _predict_case(m, seg, root, layout, name, resolution, options.batch_size, variants,
-                                             axis=options.axis, presence=options.presence)
+                                             axis=options.axis, presence=options.presence, soft=soft)
         met = label_metrics(pred, gt, seg_labels, spacing)
+        score = unc.add(pred, gt, soft, float(np.mean([v["dice"] for v in met.values()])))
         for lab_v, v in met.items():
             rows.append({"case": name, "segment": seg_names[lab_v], "label": lab_v, **v,
-                         "gt_empty": int(not (gt == lab_v).any()), "pred_empty": int(not (pred == lab_v).any())})
+                         "gt_empty": int(not (gt == lab_v).any()), "pred_empty": int(not (pred == lab_v).any()),
+                         "uncertainty": round(score, 5)})
         if reporter is not None:
             reporter.progress(k + 1, len(names))
     secs = time.perf_counter() - t0
     summary = summarise(rows, seg_names)
     run_name = resolution + _options_name(options)
     print_table(rows, summary, model_dir, root, list_name, run_name, len(names), secs)
+    uncertainty = unc.print()
     if csv_path:
         with atomic_output(csv_path, overwrite=True) as tmp:
             with open(tmp, "w", newline="") as f:
@@ -86,7 +93,7 @@ def evaluate(model, data, options: InferenceOptions | None = None, *, list_name=
                 w.writerows(rows)
         print(f"per-case metrics written to {csv_path}")
     if record:
-        _record(model_dir, root, list_name, run_name, len(names), summary, command)
+        _record(model_dir, root, list_name, run_name, len(names), summary, command, uncertainty)
     return summary
 
 
@@ -105,10 +112,11 @@ def _options_name(options: InferenceOptions) -> str:
 
 
 def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, batch_size: int,
-                  variants=(None,), axis: int | None = None, presence=True, record: dict | None = None):
+                  variants=(None,), axis: int | None = None, presence=True, record: dict | None = None,
+                  soft: dict | None = None):
     """One case -> (predictions, ground truth, spacing or None), all in the card's label values: one prediction per
     post-processing setting in ``variants`` (None: the card's), from one run of the network (slicing a volume along
-    ``axis``, None: the card's; ``presence`` and ``record`` as in segment_array_variants)."""
+    ``axis``, None: the card's; ``presence``, ``record`` and ``soft`` as in segment_array_variants)."""
     if layout == "2d":
         label_values = m.card.trained_label_values or m.card.label_values
         seg_labels = m.card.label_values
@@ -119,14 +127,14 @@ def _predict_case(m, seg, root: Path, layout: str, name: str, resolution: str, b
             arr = _resize_image(arr, m.input_size)
             gt = np.asarray(Image.fromarray(gt).resize((m.input_size,) * 2, Image.NEAREST))
         preds = segment_array_variants(m, arr, list(variants), batch_size=batch_size, segmenter=seg,
-                                       presence=presence, record=record)
+                                       presence=presence, record=record, soft=soft)
         # ground truth holds segment indices 1..n; the prediction the card's label values
         return [p[0] for p in preds], np.array([0] + seg_labels, np.uint8)[gt], None
     img = read_image(volume_path(root, "imagesTr", name))
     gt = read_image(volume_path(root, "labelsTr", name)).array.astype(np.int32)
     preds = segment_array_variants(m, img.array, list(variants), batch_size=batch_size, axis=axis, segmenter=seg,
                                    spacing_zyx=img.geometry.spacing_zyx, direction=img.geometry.direction,
-                                   presence=presence, record=record)
+                                   presence=presence, record=record, soft=soft)
     return preds, gt, img.geometry.spacing_zyx
 
 
@@ -264,21 +272,27 @@ def _update_card(model_dir: Path, change) -> None:
     atomic_write(card_path, lambda p: Path(p).write_text(json.dumps(card.to_dict(), indent=2) + "\n"))
 
 
-def _record(model_dir: Path, root: Path, list_name: str, resolution: str, n: int, summary: dict, command):
+def _record(model_dir: Path, root: Path, list_name: str, resolution: str, n: int, summary: dict, command,
+            uncertainty: dict | None = None):
     """Write the measured metrics into the model card (and the command that reproduces them)."""
     key = f"{root.name}/{list_name}/{resolution}"
     entry = {
         "cases": n,
-        "segments": {k: {m: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
-                         for m, v in s.items()} for k, s in summary.items()},
+        "segments": {k: {m: _rounded(v) for m, v in s.items()} for k, s in summary.items()},
         "command": command, "date": time.strftime("%Y-%m-%d"),
     }
+    if uncertainty is not None:
+        entry["uncertainty"] = {k: _rounded(v) for k, v in uncertainty.items() if not k.endswith("reliability")}
     def change(card: ModelCard):
         card.metrics = card.metrics if card.metrics is not None else {}
         card.metrics[key] = entry
 
     _update_card(model_dir, change)
     print(f"metrics recorded in {model_dir / CARD} under '{key}'")
+
+
+def _rounded(v):
+    return (round(v, 4) if math.isfinite(v) else None) if isinstance(v, float) else v
 
 
 def image_level(rows) -> dict:

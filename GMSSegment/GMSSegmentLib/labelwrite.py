@@ -21,7 +21,7 @@ from .inputcheck import check_stored_data
 if TYPE_CHECKING:
     from .imageio import Geometry
 
-__all__ = ["write_labels", "write_image", "output_format", "SUPPORTED_OUTPUT_EXTENSIONS", "DEFAULT_SEGMENT_COLORS"]
+__all__ = ["write_labels", "write_map", "write_image", "output_format", "SUPPORTED_OUTPUT_EXTENSIONS", "DEFAULT_SEGMENT_COLORS"]
 
 #: output extensions understood by :func:`write_labels` (the registry's, :data:`.formats.OUTPUT_EXTENSIONS`)
 SUPPORTED_OUTPUT_EXTENSIONS: tuple[str, ...] = OUTPUT_EXTENSIONS
@@ -256,6 +256,26 @@ def write_labels(
         img = sitk.GetImageFromArray(data.astype(_label_dtype(max_label), copy=False))
         geometry.apply(img)
 
+    return write_image(img, dest, compress=ext in COMPRESSED_OUTPUT_EXTENSIONS, overwrite=overwrite)
+
+
+def write_map(path: str | os.PathLike, values: np.ndarray, geometry: Geometry, *, overwrite: bool = False) -> str:
+    """Write a map of values in [0, 1] (an uncertainty map) on ``geometry``, atomically; returns the absolute path.
+    ``.nrrd``, ``.nii.gz``, ``.nii``, ``.mha``: float32 as is; ``.png`` (2D only): 8 bit, 255 = 1.0. A Slicer
+    segmentation (``.seg.nrrd``) holds labels, not values, and is refused, as is any other extension."""
+    ext = output_format(path)
+    dest = os.fspath(path)
+    if ext == ".seg.nrrd":
+        raise GMSError(f"cannot write a map of values to {dest}: a .seg.nrrd holds labels; use .nrrd, .nii.gz or .png")
+    arr = np.asarray(values, np.float32).reshape(geometry.shape_zyx)
+    if ext == ".png":
+        if geometry.dimension != 2:
+            raise GMSError(f"cannot write {dest}: PNG output needs a 2D image; use .nrrd or .nii.gz")
+        data = np.round(np.clip(arr[0], 0.0, 1.0) * 255).astype(np.uint8)
+    else:
+        data = arr[0] if geometry.dimension == 2 else arr
+    img = sitk.GetImageFromArray(data)
+    geometry.apply(img)
     return write_image(img, dest, compress=ext in COMPRESSED_OUTPUT_EXTENSIONS, overwrite=overwrite)
 
 

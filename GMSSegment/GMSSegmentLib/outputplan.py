@@ -21,7 +21,7 @@ import os
 
 from . import GMSError
 
-__all__ = ["output_problems", "png_label_problem"]
+__all__ = ["output_problems", "png_label_problem", "map_output"]
 
 
 def output_problems(jobs: list[dict], overwrite: bool = False) -> list[str | None]:
@@ -64,6 +64,15 @@ def output_problems(jobs: list[dict], overwrite: bool = False) -> list[str | Non
                 planned.append((ident, i))
         problems.append(problem)
     return problems
+
+
+def map_output(mask_output: str, folder: str) -> str:
+    """Where a batch item's uncertainty map goes: ``folder`` / the mask's file name (``.seg.nrrd``, which holds labels,
+    becomes ``.nrrd``)."""
+    name = os.path.basename(mask_output)
+    if name.lower().endswith(".seg.nrrd"):
+        name = name[: -len(".seg.nrrd")] + ".nrrd"
+    return os.path.join(folder, name)
 
 
 def png_label_problem(output: str, max_label: int) -> str | None:

@@ -25,6 +25,7 @@ from .normalization import apply_range, intensity_range
 from .options import InferenceOptions
 from .orientation import to_model_orientation
 from .presence import PresenceRule, slice_scores
+from .uncertainty import SoftMasks
 from .postprocess import (TTA_FLIPS, apply_postprocess, apply_view, undo_view, postprocess_settings, tta_scales, tta_views, z_smooth_weight,
                           z_smoothed)
 
@@ -336,7 +337,7 @@ def segmenter_for(model, options: InferenceOptions, device="cpu") -> SliceSegmen
 
 def segment_array(model, array: np.ndarray, options: InferenceOptions | None = None, *,
                   segmenter: SliceSegmenter | None = None, device="cpu", spacing_zyx=None, direction=None,
-                  progress=None, cancel=None, log=None, **changes) -> np.ndarray:
+                  progress=None, cancel=None, log=None, soft: dict | None = None, **changes) -> np.ndarray:
     """Segment a (Z, Y, X) scalar or (Z, Y, X, 3) RGB array of raw intensities, slice-wise along ``options.axis``
     (numpy order; default: the model card's axis). Returns (Z, Y, X) uint8 label values from the card.
 
@@ -355,22 +356,25 @@ def segment_array(model, array: np.ndarray, options: InferenceOptions | None = N
     ``direction``: the volume's row-major 3x3 ITK direction matrix. When the card records the training volumes'
     orientation (see orientation.py), the array is first permuted and flipped into it (``axis`` then counts in that
     orientation) and the labels are mapped back onto the input's grid; ``log(message)``, if given, is told so.
+    ``soft``: see segment_array_variants (what the result's uncertainty is computed from).
     """
     options = replace(options or InferenceOptions(), **changes)
     return segment_array_variants(model, array, [options.postprocess], options, segmenter=segmenter, device=device,
                                   spacing_zyx=spacing_zyx, direction=direction, progress=progress, cancel=cancel,
-                                  log=log)[0]
+                                  log=log, soft=soft)[0]
 
 
 def segment_array_variants(model, array: np.ndarray, variants: list, options: InferenceOptions | None = None, *,
                            segmenter: SliceSegmenter | None = None, device="cpu", spacing_zyx=None, direction=None,
                            progress=None, cancel=None, log=None, record: dict | None = None,
-                           **changes) -> list[np.ndarray]:
+                           soft: dict | None = None, **changes) -> list[np.ndarray]:
     """``segment_array`` for several post-processing settings at the cost of one: the network runs once and each
     entry of ``variants`` (as ``options.postprocess`` there, which is not used here) gives one label map. Used to
     choose the settings on validation cases. ``record``, a dict, receives the presence scores of every slice
     (``area``, ``confidence``: (slices, segments), NaN where a slice was not decoded), the slicing ``axis`` and the
-    reorientation ``reo`` (None or orientation's mapping), to calibrate the presence decision (presence.py)."""
+    reorientation ``reo`` (None or orientation's mapping), to calibrate the presence decision (presence.py).
+    ``soft``, a dict, receives what the uncertainty of the first variant's result is computed from (uncertainty.py):
+    ``masks`` (the soft memberships), ``labels`` (its final segment indices, slicing axis first), ``axis``, ``reo``."""
     options = replace(options or InferenceOptions(), **changes)
     axis, batch_size = options.axis, options.batch_size
     if array.ndim not in (3, 4):
@@ -407,6 +411,8 @@ def segment_array_variants(model, array: np.ndarray, variants: list, options: In
     # smoothing along the slices needs every slice's decoded image; otherwise each batch is classified at once
     keep = any(w > 0 for w in weights) and n > 1
     decoded = None
+    masks = SoftMasks(n, out_hw, n_seg) if soft is not None else None
+    soft_later = keep and weights[0] > 0  # the first variant's memberships come from the smoothed images
     out = np.zeros(view.shape[:3], np.uint8)  # labels of the plain decoding (the z shortcut reads them)
     t0 = time.perf_counter()
     done = 0
@@ -432,6 +438,8 @@ def segment_array_variants(model, array: np.ndarray, variants: list, options: In
                     absent[idx] = rule.absent(area[idx], confidence[idx])
                     clear_absent(found, absent[idx])
                 out[idx] = lut[found]
+                if masks is not None and not soft_later:
+                    masks.add(idx, dec, seg.codes)
             done += len(idx)
             if progress:
                 progress(done, n)
@@ -454,7 +462,7 @@ def segment_array_variants(model, array: np.ndarray, variants: list, options: In
         if progress:
             progress(done, n)
     results = []
-    for v, w in zip(settings, weights):
+    for i, (v, w) in enumerate(zip(settings, weights)):
         labels = out
         if w > 0 and decoded is not None:
             labels = np.empty_like(out)
@@ -464,7 +472,13 @@ def segment_array_variants(model, array: np.ndarray, variants: list, options: In
                     found = classify(dec, seg.codes, out_hw).numpy()
                     clear_absent(found, absent[b:b + batch_size])
                     labels[b:b + batch_size] = lut[found]
+                    if masks is not None and i == 0:
+                        masks.add(list(range(b, min(b + batch_size, n))), dec, seg.codes)
         labels = apply_postprocess(labels, model.card, v)
+        if masks is not None and i == 0:
+            index = np.zeros(256, np.uint8)
+            index[lut] = np.arange(lut.size, dtype=np.uint8)  # label value -> segment index
+            soft.update(masks=masks, labels=index[labels], axis=axis, reo=reo, input_size=model.input_size)
         labels = np.moveaxis(labels, 0, axis)
         results.append(reo.undo(labels) if reo is not None else labels)
     seg.stats.seconds += time.perf_counter() - t0
