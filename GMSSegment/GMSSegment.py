@@ -132,6 +132,8 @@ class GMSSegmentParameterNode:
     axis - slicing axis override (numpy K/J/I order).
     testTimeAugmentation - use the model card's test-time augmentation (chosen on validation; slower).
     outputSegmentation - existing segmentation to add segments to; None creates a new node each run.
+    uncertaintyMap - also import each result's uncertainty map, shown over the image.
+    uncertaintyOpacity - the map's opacity in the slice views.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -140,6 +142,8 @@ class GMSSegmentParameterNode:
     axis: SlicingAxis = SlicingAxis.MODEL
     testTimeAugmentation: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
+    uncertaintyMap: bool = True
+    uncertaintyOpacity: float = 0.4
 
 
 def _pathOrNone(path) -> Optional[str]:
@@ -236,6 +240,9 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._timer = None
+        self._tableTasks = []  # the batch table's tasks, row by row
+        self._reviewVolumeID = None  # the volume "Next uncertain slice" moves through, and its slice shown last
+        self._reviewSlice = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -251,7 +258,7 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.weightsPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.weightsPathLineEdit.currentPath = qt.QSettings().value(SETTINGS_WEIGHTS, "")
-        self.ui.batchStatusTable.setHorizontalHeaderLabels([_("Volume"), _("Status")])
+        self.ui.batchStatusTable.setHorizontalHeaderLabels([_("Volume"), _("Status"), _("Review")])
         self.ui.progressBar.setValue(0)
         self._populateModels()
 
@@ -266,6 +273,8 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentAllButton.connect("clicked(bool)", self.onSegmentAllButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
+        self.ui.nextUncertainButton.connect("clicked(bool)", self.onNextUncertainButton)
+        self.ui.uncertaintyOpacitySlider.connect("valueChanged(double)", self.onUncertaintyOpacityChanged)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelComboBoxChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsPathChanged)
@@ -390,6 +399,7 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "device": p.device.value,
             "axis": p.axis.axisIndex(),
             "tta": bool(p.testTimeAugmentation),
+            "uncertaintyMap": bool(p.uncertaintyMap),
             "weightsDir": _pathOrNone(self.ui.weightsPathLineEdit.currentPath),
         }
 
@@ -455,6 +465,8 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startPolling(self, job) -> None:
         self._job = job
+        self._reviewVolumeID = self._reviewSlice = None
+        self._updateReview(None)
         self.ui.logTextEdit.clear()
         for line in job.poll():
             self.ui.logTextEdit.appendPlainText(line)
@@ -502,23 +514,88 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          detailedText="\n".join(job.log[-40:]))
             return
         if job.state in (slicer_logic.JobState.SUCCEEDED, slicer_logic.JobState.PARTIAL):
-            nodes = job.segmentationNodes
-            if nodes and not job.batch:
-                volumeNode = slicer.mrmlScene.GetNodeByID(job.tasks[0].volumeNodeID)
-                if volumeNode is not None:
-                    slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+            if not job.batch:
+                self._showResult(job.tasks[0], fit=True)
+            else:
+                self._updateReview(self._reviewTask())
         if job.state == slicer_logic.JobState.FAILED:
             slicer.util.errorDisplay(_("Segmentation failed: ") + job.errorMessage,
                                      detailedText="\n".join(job.log[-40:]))
         elif job.state == slicer_logic.JobState.PARTIAL:
             slicer.util.warningDisplay(_("Some volumes could not be segmented: ") + job.errorMessage)
 
+    # -- review: the uncertainty map and the slices to look at --------------------------------------------------------
+    def _reviewTask(self):
+        """The result to review: a single job's, or the batch table's selected row (else its first, the most
+        uncertain)."""
+        job = self._job
+        if not isinstance(job, slicer_logic.SegmentationJob) or not job.finished:
+            return None
+        done = [t for t in job.tasks if t.state == slicer_logic.TaskState.SUCCEEDED]
+        if not job.batch:
+            return done[0] if done else None
+        rows = self._tableTasks
+        selected = self.ui.batchStatusTable.selectionModel().selectedRows()
+        if selected and selected[0].row() < len(rows) and rows[selected[0].row()] in done:
+            return rows[selected[0].row()]
+        ordered = [t for t in rows if t in done]
+        return ordered[0] if ordered else None
+
+    def _showResult(self, task, fit: bool = False) -> None:
+        """The task's volume in the slice views, with its uncertainty map over it (when there is one)."""
+        volumeNode = slicer.mrmlScene.GetNodeByID(task.volumeNodeID)
+        if volumeNode is None:
+            return
+        mapNode = slicer.mrmlScene.GetNodeByID(task.uncertaintyNodeID) if task.uncertaintyNodeID else None
+        if mapNode is not None:
+            slicer.util.setSliceViewerLayers(background=volumeNode, foreground=mapNode,
+                                             foregroundOpacity=self._parameterNode.uncertaintyOpacity, fit=fit)
+        else:
+            slicer.util.setSliceViewerLayers(background=volumeNode, fit=fit)
+        self._reviewVolumeID, self._reviewSlice = task.volumeNodeID, None
+        self._updateReview(task)
+
+    def _updateReview(self, task) -> None:
+        order = slicer_logic.uncertainSlices(task) if task is not None else []
+        self.ui.nextUncertainButton.enabled = bool(order)
+        if task is None or task.uncertainty is None:
+            self.ui.reviewLabel.text = ""
+            return
+        text = _("Review score {score:.2f} (0 = sure)").format(score=task.uncertainty)
+        if order:
+            text += _("; {n} slices to look at").format(n=len(order))
+        self.ui.reviewLabel.text = text
+
+    def onNextUncertainButton(self) -> None:
+        task = self._reviewTask()
+        if task is None:
+            return
+        if self._reviewVolumeID != task.volumeNodeID:
+            self._showResult(task)
+        index = slicer_logic.nextUncertainSlice(task, self._reviewSlice)
+        if index is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot move to the slice."), waitCursor=False):
+            slicer_logic.jumpToSlice(slicer.mrmlScene, task, index)
+            self._reviewSlice = index
+            score = task.sliceUncertainty[index]
+            self.ui.reviewLabel.text = _("Slice {k} of {n}: score {score:.2f}").format(
+                k=index + 1, n=len(task.sliceUncertainty), score=score)
+
+    def onUncertaintyOpacityChanged(self, value) -> None:
+        for name in ("Red", "Yellow", "Green"):
+            widget = slicer.app.layoutManager().sliceWidget(name) if slicer.app.layoutManager() else None
+            if widget is not None:
+                widget.sliceLogic().GetSliceCompositeNode().SetForegroundOpacity(value)
+
     def _fillBatchTable(self, job) -> None:
         table = self.ui.batchStatusTable
         if not job.batch:
             return
+        # while running, in the order of the batch; once finished, the most uncertain results first
+        self._tableTasks = slicer_logic.reviewOrder(job.tasks) if job.finished else list(job.tasks)
         table.setRowCount(len(job.tasks))
-        for row, task in enumerate(job.tasks):
+        for row, task in enumerate(self._tableTasks):
             status = task.state
             if task.state == slicer_logic.TaskState.RUNNING and task.total:
                 status = f"{task.state} {task.done}/{task.total}"
@@ -526,7 +603,8 @@ class GMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 status = f"{task.state}: {task.message}"
             elif task.state == slicer_logic.TaskState.SUCCEEDED and task.notFound:
                 status = f"{task.state}: {task.foundText}"
-            for column, text in enumerate((task.volumeName, status)):
+            review = f"{task.uncertainty:.2f}" if task.uncertainty is not None else ""
+            for column, text in enumerate((task.volumeName, status, review)):
                 item = table.item(row, column)
                 if item is None:
                     item = qt.QTableWidgetItem()

@@ -533,7 +533,7 @@ def test_buttons_survive_a_failed_installation(module, monkeypatch, tmp_path):
     widget.logic = logic
     widget._parameterNode = types.SimpleNamespace(
         modelPath=Path(model), device=module.Device.CPU, axis=module.SlicingAxis.MODEL, testTimeAugmentation=True,
-        inputVolume="volume", outputSegmentation=None)
+        uncertaintyMap=True, inputVolume="volume", outputSegmentation=None)
     widget.ui = types.SimpleNamespace(weightsPathLineEdit=types.SimpleNamespace(currentPath=""),
                                       batchVolumesComboBox=nodes, adaptSegmentationsComboBox=nodes,
                                       adaptNameLineEdit=types.SimpleNamespace(text="mine"),
@@ -685,3 +685,84 @@ def test_adapting_shows_the_cross_validated_estimate_before_the_model_is_kept(mo
     assert folder.is_dir() and widget._parameterNode.modelPath == Path(folder)
     assert shown[-1] == ("info", shown[-2][1].split("\n\n")[0] + "\nIt is now the selected model.")
     assert not answers
+
+
+def test_review_orders_the_batch_and_steps_through_the_uncertain_slices(module, monkeypatch):
+    """A finished batch lists the most uncertain results first with their score; "Next uncertain slice" shows the
+    selected (else the most uncertain) result with its map over the image and moves the views slice by slice, most
+    uncertain first."""
+    import contextlib
+    import types as t
+
+    import slicer
+
+    from GMSSegmentLib import slicer_logic
+
+    class Item:
+        def __init__(self):
+            self.text = ""
+
+        def setText(self, text):
+            self.text = text
+
+        def setToolTip(self, text):
+            pass
+
+    class Table:
+        def __init__(self):
+            self.items, self.selected = {}, []
+
+        def setRowCount(self, n):
+            self.rows = n
+
+        def item(self, row, column):
+            return self.items.get((row, column))
+
+        def setItem(self, row, column, item):
+            self.items[(row, column)] = item
+
+        def selectionModel(self):
+            return t.SimpleNamespace(selectedRows=lambda: [t.SimpleNamespace(row=lambda: r) for r in self.selected])
+
+    nodes = {"v0": "volume0", "v1": "volume1", "v2": "volume2", "u1": "map1"}
+    layers, jumps = [], []
+    monkeypatch.setattr(slicer, "mrmlScene", t.SimpleNamespace(GetNodeByID=nodes.get), raising=False)
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kw: layers.append(kw), raising=False)
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", lambda *a, **kw: contextlib.nullcontext(), raising=False)
+    monkeypatch.setattr(slicer_logic, "jumpToSlice", lambda scene, task, index: jumps.append((task.volumeName, index)))
+    monkeypatch.setattr(module.qt, "QTableWidgetItem", Item, raising=False)
+
+    def task(i, state, score, slices=(), mapID=None):
+        return slicer_logic.VolumeTask(index=i, volumeNodeID=f"v{i}", volumeName=f"vol{i}", inputPath="",
+                                       outputPath="", state=state, uncertainty=score, sliceUncertainty=list(slices),
+                                       sliceAxis=0, uncertaintyNodeID=mapID)
+
+    S, F = slicer_logic.TaskState.SUCCEEDED, slicer_logic.TaskState.FAILED
+    job = object.__new__(slicer_logic.SegmentationJob)
+    job.tasks = [task(0, S, 0.1, [0.0, 0.1]), task(1, S, 0.5, [0.2, 0.0, 0.6], "u1"), task(2, F, None)]
+    job.batch, job.state = True, slicer_logic.JobState.PARTIAL
+    monkeypatch.setattr(slicer_logic.SegmentationJob, "finished", property(lambda self: True))
+    table = Table()
+    ns = t.SimpleNamespace(
+        ui=t.SimpleNamespace(batchStatusTable=table, nextUncertainButton=t.SimpleNamespace(enabled=False),
+                             reviewLabel=t.SimpleNamespace(text="")),
+        _parameterNode=t.SimpleNamespace(uncertaintyOpacity=0.4), _job=job, _tableTasks=[], _reviewVolumeID=None,
+        _reviewSlice=None)
+    W = module.GMSSegmentWidget
+    for name in ("_reviewTask", "_showResult", "_updateReview", "onNextUncertainButton"):
+        setattr(ns, name, getattr(W, name).__get__(ns))
+    W._fillBatchTable(ns, job)
+    assert [table.item(r, 0).text for r in range(3)] == ["vol1", "vol0", "vol2"]
+    assert [table.item(r, 2).text for r in range(3)] == ["0.50", "0.10", ""]
+
+    ns.onNextUncertainButton()  # nothing selected: the most uncertain result, its worst slice
+    assert layers[-1] == {"background": "volume1", "foreground": "map1", "foregroundOpacity": 0.4, "fit": False}
+    assert jumps == [("vol1", 2)] and ns.ui.nextUncertainButton.enabled
+    assert ns.ui.reviewLabel.text == "Slice 3 of 3: score 0.60"
+    ns.onNextUncertainButton()
+    ns.onNextUncertainButton()  # slices scoring 0 are skipped; after the last it starts again
+    assert jumps[1:] == [("vol1", 0), ("vol1", 2)]
+
+    table.selected = [1]  # the user picks the other result: shown without a map (none was asked for)
+    ns.onNextUncertainButton()
+    assert layers[-1] == {"background": "volume0", "fit": False} and jumps[-1] == ("vol0", 1)

@@ -348,12 +348,13 @@ def test_bad_model_folder_fails_cleanly(scene, logic, temp_root, busi_images, tm
     assert os.listdir(temp_root) == []
 
 
-@pytest.mark.parametrize("room, fails", [(4096, "output_0.seg.nrrd"), (0, "input_0.nrrd")],
+@pytest.mark.parametrize("room, fails", [(4096, "uncertainty_0.nrrd"), (0, "input_0.nrrd")],
                          ids=["result-write", "input-export"])
 def test_job_on_a_full_disk_reports_the_failed_write_and_imports_nothing(scene, tmp_path, weights_dir, room, fails):
     """The logic exports the worker's input, and the worker writes its result, through the same checked write as
     ``gms segment``: on a full disk (a small tmpfs mounted by the test) the job fails with the failed write's
-    message (the input's before any worker starts), says no "Segmented", imports nothing and leaves no file."""
+    message (the input's before any worker starts; of the result, its uncertainty map, written first), says no
+    "Segmented", imports nothing and leaves no file."""
     from smalldisk import fill, small_tmpfs
 
     with small_tmpfs(tmp_path / "disk", size="1m") as disk:

@@ -40,6 +40,8 @@ from .mrml import _removeNode  # noqa: F401
 from .resultimport import (_BINARY_LABELMAP, _LoadedSegment, _normalisedSegments, _orientedImage,  # noqa: F401
                            _readResultSegments, _snapToVolumeGeometry, _takeBack, _unusedNodeName,
                            addVolumeNodeFromFile, importResult, uniqueSegmentName)
+from .review import (importUncertainty, jumpToSlice, nextUncertainSlice, removeUncertainty,  # noqa: F401
+                     reviewOrder, sliceCenterRas, takeScores, uncertainSlices)
 from .states import JobState, TaskState, VolumeTask, _int  # noqa: F401
 from .trainingset import TrainingSetExport, exportTrainingSet, trainingArguments  # noqa: F401
 from .workerjob import PIPE_DRAIN_S, _quote, _WorkerJob  # noqa: F401
@@ -72,4 +74,9 @@ __all__ = [
     "ijkToRasFromVolumeNode",
     "lpsGeometryFromIjkToRas",
     "ijkToRasFromLpsGeometry",
+    "reviewOrder",
+    "uncertainSlices",
+    "nextUncertainSlice",
+    "sliceCenterRas",
+    "jumpToSlice",
 ]

@@ -10,6 +10,7 @@ from ..ownedtemp import make_temp_folder, remove_stale_temp_folders
 from ..modelcard import ModelCard
 from .modelinfo import _cardJson
 from .resultimport import _normalisedSegments, _takeBack, importResult
+from .review import importUncertainty, removeUncertainty, takeScores
 from .states import JobState, TaskState, VolumeTask, _int
 from .trainingset import TrainingSetExport
 from .workerjob import _WorkerJob
@@ -124,7 +125,9 @@ class SegmentationJob(_WorkerJob):
                 path = event.get("path")
                 if path:
                     task.outputPath = str(path)
-                self._logLine(prefix + "Segmented")
+                takeScores(task, event)
+                self._logLine(prefix + "Segmented" + (f" (uncertainty {task.uncertainty:.2f})"
+                                                      if task.uncertainty is not None else ""))
         elif kind == "error":
             message = self._errorEvent(event)
             if task is not None:
@@ -149,6 +152,7 @@ class SegmentationJob(_WorkerJob):
         super()._cancelled()
 
     def _removeImport(self, task: VolumeTask) -> None:
+        removeUncertainty(self.scene, task)
         node = self.scene.GetNodeByID(task.segmentationNodeID) if task.segmentationNodeID else None
         if node is not None:
             _takeBack(self.scene, node, task.createdSegmentationNode, task.segmentIDs)
@@ -201,6 +205,12 @@ class SegmentationJob(_WorkerJob):
             return
         try:
             importResult(self.scene, t)
+            if t.uncertaintyPath and os.path.isfile(t.uncertaintyPath):
+                try:
+                    importUncertainty(self.scene, t)
+                except BaseException:
+                    self._removeImport(t)
+                    raise
             t.state = TaskState.SUCCEEDED
             if t.segmentationNodeID is None:  # every segment found nowhere: nothing added
                 self._logLine(f"Imported nothing of {t.volumeName}: {t.foundText}")

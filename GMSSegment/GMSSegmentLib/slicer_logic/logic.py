@@ -103,7 +103,8 @@ class SegmentationLogic:
 
     # -- starting -------------------------------------------------------------------------------------------------
     def start(self, volumeNodes, model: str | OpenedModel, device: str = "auto", axis: int | None = None,
-              weightsDir: str | None = None, outputSegmentationNode=None, tta: bool = True) -> SegmentationJob:
+              weightsDir: str | None = None, outputSegmentationNode=None, tta: bool = True,
+              uncertaintyMap: bool = True) -> SegmentationJob:
         """Start segmenting one volume node (or a list: one batch worker) and return the running job.
 
         ``model``: model folder or installed model name, or an :class:`OpenedModel` (its card is not read again);
@@ -112,6 +113,8 @@ class SegmentationLogic:
         its thin axis). ``weightsDir``: local foundation weights folder (offline sites). ``outputSegmentationNode``:
         existing node to add the new segments to (single volume only); default a new node per volume. ``tta``: use
         the test-time augmentation in the model card (chosen on validation); False = one plain pass per slice.
+        ``uncertaintyMap``: also import each result's uncertainty map as a scalar volume (review.py); the scores
+        (case, slices) come with every result either way.
 
         Raises ValueError (clear message, scene unchanged, nothing started) for invalid input.
         """
@@ -160,6 +163,7 @@ class SegmentationLogic:
                 tasks.append(VolumeTask(
                     index=i, volumeNodeID=node.GetID(), volumeName=node.GetName(), inputPath=inputPath,
                     outputPath=os.path.join(tempDir, f"output_{i}.seg.nrrd"), segments=list(cardSegments),
+                    uncertaintyPath=os.path.join(tempDir, f"uncertainty_{i}.nrrd") if uncertaintyMap else "",
                     targetSegmentationNodeID=outputSegmentationNode.GetID() if outputSegmentationNode else None))
             if axis is None and len(autoAxes) == 1 and None not in autoAxes:
                 axis = autoAxes.pop()  # single-slice images: slice across the thin axis
@@ -167,10 +171,14 @@ class SegmentationLogic:
             args = [python, "-m", "GMSSegmentLib", "segment"]
             if single:
                 args += [tasks[0].inputPath, "-o", tasks[0].outputPath]
+                if uncertaintyMap:
+                    args += ["--uncertainty", tasks[0].uncertaintyPath]
             else:
                 jobsPath = os.path.join(tempDir, "jobs.json")
                 with open(jobsPath, "w", encoding="utf-8") as f:
-                    json.dump([{"input": t.inputPath, "output": t.outputPath} for t in tasks], f, indent=1)
+                    json.dump([{"input": t.inputPath, "output": t.outputPath,
+                                **({"uncertainty": t.uncertaintyPath} if t.uncertaintyPath else {})} for t in tasks],
+                              f, indent=1)
                 args += ["--jobs", jobsPath]
             args += ["--model", modelDir, "--device", device, "--progress", "json"]
             if axis is not None:

@@ -41,6 +41,11 @@ class VolumeTask:
     segmentIDs: list = field(default_factory=list)  # the segments added by this job
     createdSegmentationNode: bool = False
     notFound: list = field(default_factory=list)  # segments of the model found nowhere in this volume
+    uncertaintyPath: str = ""  # where the worker writes the uncertainty map ("" = none asked for)
+    uncertainty: float | None = None  # the case score the worker reported (uncertainty.py)
+    sliceUncertainty: list = field(default_factory=list)  # one score per slice along sliceAxis (volumes)
+    sliceAxis: int | None = None  # numpy axis of the volume (0 = K, 1 = J, 2 = I) the slice scores run along
+    uncertaintyNodeID: str | None = None  # the imported map
 
     @property
     def foundText(self) -> str:
