@@ -51,6 +51,17 @@ def settings_of(card) -> tuple[float, float]:
     return float(unc.get("temperature", DEFAULT_TEMPERATURE)), float(unc.get("boundary_sigma", 0.0))
 
 
+def _edge_mask(lab: np.ndarray) -> np.ndarray:
+    """A slice's label edges: the pixels with a 4-neighbour of another label."""
+    step0, step1 = lab[:-1] != lab[1:], lab[:, :-1] != lab[:, 1:]
+    edge = np.zeros(lab.shape, bool)
+    edge[:-1] |= step0
+    edge[1:] |= step0
+    edge[:, :-1] |= step1
+    edge[:, 1:] |= step1
+    return edge
+
+
 def boundary_distance(labels: np.ndarray) -> np.ndarray:
     """Per slice (first axis): each pixel's distance (pixels) to the nearest pixel on a label edge; inf on a slice
     without one."""
@@ -58,16 +69,9 @@ def boundary_distance(labels: np.ndarray) -> np.ndarray:
 
     out = np.full(labels.shape, np.inf, np.float32)
     for k in range(labels.shape[0]):
-        lab = labels[k]
-        step0, step1 = lab[:-1] != lab[1:], lab[:, :-1] != lab[:, 1:]
-        if not (step0.any() or step1.any()):
-            continue
-        edge = np.zeros(lab.shape, bool)
-        edge[:-1] |= step0
-        edge[1:] |= step0
-        edge[:, :-1] |= step1
-        edge[:, 1:] |= step1
-        out[k] = ndimage.distance_transform_edt(~edge)
+        edge = _edge_mask(labels[k])
+        if edge.any():
+            out[k] = ndimage.distance_transform_edt(~edge)
     return out
 
 
@@ -81,22 +85,13 @@ def spread_from_edges(u: np.ndarray, labels: np.ndarray, sigma: float) -> np.nda
     out = u.copy()
     margin = int(np.ceil(6 * sigma))
     for k in range(labels.shape[0]):
-        lab = labels[k]
-        step0, step1 = lab[:-1] != lab[1:], lab[:, :-1] != lab[:, 1:]
-        rows = np.flatnonzero(step0.any(axis=1)).tolist() + np.flatnonzero(step1.any(axis=1)).tolist()
-        cols = np.flatnonzero(step0.any(axis=0)).tolist() + np.flatnonzero(step1.any(axis=0)).tolist()
-        if not rows:
+        edge = _edge_mask(labels[k])
+        rows, cols = np.flatnonzero(edge.any(axis=1)), np.flatnonzero(edge.any(axis=0))
+        if rows.size == 0:
             continue
-        y0, y1 = max(min(rows) - margin, 0), min(max(rows) + 2 + margin, lab.shape[0])
-        x0, x1 = max(min(cols) - margin, 0), min(max(cols) + 2 + margin, lab.shape[1])
-        box = lab[y0:y1, x0:x1]
-        edge = np.zeros(box.shape, bool)
-        b0, b1 = box[:-1] != box[1:], box[:, :-1] != box[:, 1:]
-        edge[:-1] |= b0
-        edge[1:] |= b0
-        edge[:, :-1] |= b1
-        edge[:, 1:] |= b1
-        d = ndimage.distance_transform_edt(~edge)
+        y0, y1 = max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, edge.shape[0])
+        x0, x1 = max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, edge.shape[1])
+        d = ndimage.distance_transform_edt(~edge[y0:y1, x0:x1])
         with np.errstate(under="ignore"):
             out[k, y0:y1, x0:x1] = np.maximum(out[k, y0:y1, x0:x1], np.exp(-d / sigma).astype(np.float32))
     return out

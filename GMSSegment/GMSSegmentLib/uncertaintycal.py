@@ -19,6 +19,7 @@ from .model import CARD
 from .modelcard import ModelCard
 from .options import InferenceOptions
 from .pipeline import segmenter_for
+from .presencecal import _slices
 from .uncertainty import (SIGMAS, TEMPERATURES, PixelHistogram, auroc, boundary_distance, scores_from_sums,
                           spread)
 from .uncertaintycheck import WRONG_BELOW, _f, case_dice
@@ -40,7 +41,7 @@ def calibrate_uncertainty(model, data, weights_dir=None, device="auto", batch_si
         sums = soft["masks"].sums(soft["labels"], TEMPERATURES).sum(axis=1)  # T, K, 3
         scores.append(scores_from_sums(sums))
         dice.append(case_dice(pred, gt, seg_labels, spacing))
-        wrong = _model_view(pred != gt, soft)
+        wrong = _slices(pred != gt, soft["reo"], soft["axis"])
         u, dist = soft["masks"].uncertainty_map(), boundary_distance(soft["labels"])
         scale = soft["labels"].shape[-1] / float(m.input_size)
         for sigma, hist in voxels.items():
@@ -85,10 +86,3 @@ def calibrate_uncertainty(model, data, weights_dir=None, device="auto", batch_si
 def _round(v: float):
     return None if math.isnan(v) else round(v, 4)
 
-
-def _model_view(arr: np.ndarray, soft: dict) -> np.ndarray:
-    """An array on the input's grid -> slicing axis first, in the model's orientation (as ``soft["labels"]``)."""
-    if arr.ndim == 2:
-        return arr[None]
-    reo = soft["reo"]
-    return np.moveaxis(reo.apply(arr) if reo is not None else arr, soft["axis"], 0)
