@@ -119,6 +119,7 @@ def logic(scene, tmp_path):
     wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
     wrapper.chmod(0o755)
     lg = L.SegmentationLogic(scene=scene, pythonExecutable=str(wrapper), tempRoot=str(tmp_path / "jobs"))
+    lg.keepWorkerWarm = False  # a stand-in worker answers one job per process
     yield lg
     lg.shutdown()
 

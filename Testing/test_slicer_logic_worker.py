@@ -79,6 +79,7 @@ def fake_logic(scene, temp_root, tmp_path, monkeypatch):
     wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
     wrapper.chmod(0o755)
     lg.pythonExecutable = str(wrapper)
+    lg.keepWorkerWarm = False  # the stand-in answers one job per process (the warm worker: test_warm_worker.py)
     yield lg
     lg.shutdown()
 

@@ -1,5 +1,5 @@
 """The ``gms`` command line (also ``python -m GMSSegmentLib``): segment, train, evaluate, postprocess, average,
-benchmark, info, sample.
+benchmark, info, sample, and serve (the warm worker, serve.py).
 
 Exit codes: 0 success; 2 bad input, model or options (a one-line message); 1 an unexpected failure; 130 cancelled.
 """
@@ -103,8 +103,9 @@ def cmd_segment(args, rep: Reporter) -> int:
         device = pick_device(args.device)
         model_dir = resolve_model_path(args.model)
         rep.log(f"model {model_dir} on {device}")
-        model = load_model(model_dir, weights_dir=args.weights_dir, device=device,
-                           progress=rep.download_progress("foundation weights"))
+        load = getattr(args, "model_cache", None) or load_model  # a warm worker (serve.py) keeps models loaded
+        model = load(model_dir, weights_dir=args.weights_dir, device=device,
+                     progress=rep.download_progress("foundation weights"))
         options = InferenceOptions.from_args(args)
         segmenter = segmenter_for(model, options, device)
         max_label = max(model.card.label_values, default=0)
@@ -274,6 +275,14 @@ def cmd_sample(args, rep: Reporter) -> int:
         return 0
     print(fetch_sample(args.name, progress=rep.download_progress(args.name)))
     return 0
+
+
+def cmd_serve(args, rep: Reporter) -> int:
+    from .serve import serve
+
+    if not args.idle_minutes > 0:
+        raise GMSError(f"--idle-minutes must be positive, got {args.idle_minutes}")
+    return serve(main, args.idle_minutes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -491,18 +500,29 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("sample", help="print the path of a sample image (from ../shared, or a verified download)")
     sm.add_argument("name", nargs="?")
     sm.set_defaults(func=cmd_sample)
+
+    from .serve import add_parser as add_serve
+
+    add_serve(sub, cmd_serve)
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None, models=None) -> int:
+    """Run one command; ``models``: the warm worker's model cache (serve.py), which ``segment`` loads models from."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if models is not None:
+        args.model_cache = models
     rep = Reporter(getattr(args, "progress", "bar"))
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
         pass
     try:
+        if args.threads is not None and args.threads < 1:
+            raise GMSError(f"--threads must be at least 1, got {args.threads}")
+        if getattr(args, "batch_size", 1) < 1:
+            raise GMSError(f"--batch-size must be at least 1, got {args.batch_size}")
         keep_freed_memory()
         _threads(args.threads)
         return args.func(args, rep)

@@ -45,7 +45,8 @@ class WorkerProcess:
     """A child process in its own process group, its stdout/stderr read line by line into :attr:`lines` (a queue of
     ``(stream, line)``) by two threads, so that nothing the caller does waits on a pipe."""
 
-    def __init__(self, args: list[str], env: dict, cwd: str | None = None, name: str = "worker"):
+    def __init__(self, args: list[str], env: dict, cwd: str | None = None, name: str = "worker",
+                 keepStdin: bool = False):
         kwargs: dict[str, Any] = {}
         if os.name == "nt":
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200) | getattr(
@@ -55,8 +56,9 @@ class WorkerProcess:
         self.args = list(args)
         try:
             self.proc = subprocess.Popen(
-                self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd,
-                text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+                self.args, stdin=subprocess.PIPE if keepStdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env=env, cwd=cwd, text=True, encoding="utf-8", errors="replace", bufsize=1,
+                **kwargs)
         except OSError as e:
             raise RuntimeError(f"cannot start the {name} {self.args[0]}: {e}") from None
         self.pid = self.proc.pid
@@ -81,6 +83,20 @@ class WorkerProcess:
         finally:
             with contextlib.suppress(Exception):
                 stream.close()
+
+    def send(self, line: str) -> None:
+        """Write one line to the worker's stdin (a worker started with ``keepStdin``); OSError if it is gone."""
+        try:
+            self.proc.stdin.write(line.rstrip("\n") + "\n")
+            self.proc.stdin.flush()
+        except (AttributeError, ValueError) as e:  # no stdin pipe, or closed
+            raise OSError(f"cannot write to the worker: {e}") from None
+
+    def closeStdin(self) -> None:
+        """Close the worker's stdin (a served worker then ends by itself)."""
+        with contextlib.suppress(Exception):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
 
     def returncode(self) -> int | None:
         rc = self.proc.poll()

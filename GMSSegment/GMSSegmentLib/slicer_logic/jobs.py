@@ -24,7 +24,7 @@ class SegmentationJob(_WorkerJob):
     workerName = "segmentation worker"
 
     def __init__(self, onFinished: Callable, scene, tasks: list[VolumeTask], args: list[str], env: dict,
-                 tempDir: str, batch: bool, inputSteps: Sequence = ()):
+                 tempDir: str, batch: bool, inputSteps: Sequence = (), warmWorkers=None):
         self.tasks = tasks
         self.batch = batch
         self.modelDir = ""
@@ -32,7 +32,7 @@ class SegmentationJob(_WorkerJob):
         self._imports: list | None = None  # results waiting to be imported, once the worker has exited
         self._importTotal = 0  # how many results were queued for import (a failed import still counts as handled)
         self._crashed = False
-        super().__init__(onFinished, scene, args, env, tempDir, inputSteps=inputSteps)
+        super().__init__(onFinished, scene, args, env, tempDir, inputSteps=inputSteps, warmWorkers=warmWorkers)
 
     @property
     def progress(self) -> float:

@@ -17,6 +17,7 @@ from .mrml import slicer
 from .resultimport import _normalisedSegments
 from .states import VolumeTask
 from .trainingset import TrainingSetExport, trainingArguments
+from .warmworker import WarmWorkers
 from .workerjob import _WorkerJob
 
 
@@ -46,6 +47,10 @@ class SegmentationLogic:
         self.pythonExecutable = pythonExecutable
         self.tempRoot = tempRoot
         self.extraWorkerArgs: list[str] = []
+        #: segmentation jobs run in a worker kept between jobs (warmworker.py: the model stays loaded, so a click on a
+        #: 2D image answers in about a second); False: a new worker for every job
+        self.keepWorkerWarm = True
+        self.warmWorkers = WarmWorkers()
         self.job: SegmentationJob | TrainingJob | None = None
         self._jobs: list[_WorkerJob] = []
         with contextlib.suppress(OSError):  # job folders a killed Slicer left behind
@@ -190,7 +195,7 @@ class SegmentationLogic:
             args += list(self.extraWorkerArgs)
             env = workerEnvironment(weightsDir)
             job = SegmentationJob(self._jobFinished, scene, tasks, args, env, tempDir, batch=not single,
-                                  inputSteps=steps)
+                                  inputSteps=steps, warmWorkers=self.warmWorkers if self.keepWorkerWarm else None)
             job.modelDir, job.card = modelDir, card
         except BaseException:
             shutil.rmtree(tempDir, ignore_errors=True)
@@ -262,6 +267,7 @@ class SegmentationLogic:
                          for v, _ in pairs)
             dimension = 2 if single else 3
         scene = self._scene([n for pair in pairs for n in pair])
+        self.warmWorkers.close()  # training needs the memory an idle warm worker holds; the next click starts one
         tempDir = self._newJobFolder()
         try:
             export = TrainingSetExport(pairs, os.path.join(tempDir, "data"), segmentNames, dimension=dimension)
@@ -298,13 +304,14 @@ class SegmentationLogic:
     def shutdown(self) -> None:
         """Cancel every running job (module cleanup, application exit) without waiting for anything: a job is
         settled at once (the scene as it was before it); a worker that still runs is ended, and the job's temporary
-        folder removed, by a thread (:meth:`_WorkerJob._abandon`)."""
+        folder removed, by a thread (:meth:`_WorkerJob._abandon`). The warm worker is ended too."""
         for job in list(self._jobs):
             if job.running:
                 job.cancel()
                 job.poll()  # settles what needs no waiting (e.g. a cancel while importing)
                 if job.running:
                     job._abandon()
+        self.warmWorkers.close()
 
     def _jobFinished(self, job: _WorkerJob) -> None:
         with contextlib.suppress(ValueError):

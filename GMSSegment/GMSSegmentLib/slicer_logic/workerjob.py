@@ -34,8 +34,10 @@ class _WorkerJob:
     tasks: Sequence = ()
 
     def __init__(self, onFinished: Callable, scene, args: list[str], env: dict, tempDir: str,
-                 inputSteps: Sequence = ()):
+                 inputSteps: Sequence = (), warmWorkers=None):
         self._onFinished = onFinished
+        #: a :class:`~.warmworker.WarmWorkers` to run in (a worker kept between jobs), or None: a worker of its own
+        self.warmWorkers = warmWorkers
         self.scene = scene
         self.args = args
         self.tempDir = tempDir
@@ -187,6 +189,12 @@ class _WorkerJob:
         return self._writer is not None and self._writer.is_alive()
 
     def _startWorker(self) -> None:
+        if self.warmWorkers is not None and self.args[1:3] == ["-m", "GMSSegmentLib"]:
+            self._worker = self.warmWorkers.session(self.args[:3], self.args[3:], self._env, cwd=self.tempDir,
+                                                    root=os.path.dirname(self.tempDir), name=self.workerName)
+            how = "Started the warm worker" if self._worker.first else "Sent to the warm worker"
+            self._logLine(f"{how} (pid {self._worker.pid}): {' '.join(_quote(a) for a in self.args)}")
+            return
         self._worker = WorkerProcess(self.args, self._env, cwd=self.tempDir, name=self.workerName)
         self._logLine(f"Started worker (pid {self._worker.pid}): {' '.join(_quote(a) for a in self.args)}")
 
