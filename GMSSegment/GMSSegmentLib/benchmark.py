@@ -98,6 +98,7 @@ def _child(args) -> int:
     # the reference loop is fp32 whatever --precision says
     seg = SliceSegmenter(model, device, FastDecodeSettings(enabled=not ref), channels_last=not ref, tta=1,
                          precision="fp32" if ref else args.precision)
+    seg.stats.count_flops = device.type == "cpu"  # the stage times are measured on the CPU only
     load_s = time.perf_counter() - t_load
     t0 = time.perf_counter()
     axis = model.card.slicing_axis if args.axis is None else args.axis
@@ -108,12 +109,18 @@ def _child(args) -> int:
     np.save(args.labels_out, labels)
     import resource
 
+    from .peak import measure_peak
+
+    precision = seg.precision  # "auto" resolved for this CPU and model (the reference: fp32)
+    peak = measure_peak(precision, device.type) if device.type == "cpu" and precision in ("fp32", "bf16") else {}
+
     n = seg.stats.slices + seg.stats.extra.get("z_skipped", 0)  # every slice along the axis, run or skipped
     print(json.dumps({"loop": args.child, "slices": n, "model_slices": seg.stats.slices, "seconds": secs,
                       "load_seconds": load_s, "slices_per_s": n / secs, "decoded_slices": seg.stats.decoded_slices,
                       "decoded_area_fraction": seg.stats.decoded_fraction / max(1, seg.stats.slices),
                       "z_skipped": seg.stats.extra.get("z_skipped", 0),
-                      "stage_seconds": seg.stats.stage_seconds,
+                      "stage_seconds": seg.stats.stage_seconds, "stage_flops": seg.stats.stage_flops,
+                      "precision": precision, "peak_gflops": peak,
                       "slices_with_foreground": int(np.moveaxis(labels, axis, 0).reshape(n, -1).any(axis=1).sum()),
                       "threads": torch.get_num_threads(),
                       "peak_rss_mib_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -138,6 +145,22 @@ def _run_child(kind: str, args, volume: Path, labels_out: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"benchmark child '{kind}' failed with exit code {proc.returncode}")
     return json.loads(out.strip().splitlines()[-1])
+
+
+def roofline_lines(r: dict) -> list[str]:
+    """Per stage: achieved GFLOP/s against the peak this machine measured in the same precision."""
+    peak, flops, secs = r.get("peak_gflops") or {}, r.get("stage_flops") or {}, r.get("stage_seconds") or {}
+    if not peak or not flops:
+        return []
+    lines = [f"peak here ({r['precision']}): matrix product {peak['matmul']:.0f} GFLOP/s, 64-channel 3x3 "
+             f"convolution {peak['conv']:.0f} GFLOP/s"]
+    for stage, f in flops.items():
+        if secs.get(stage):
+            rate = f / secs[stage] / 1e9
+            lines.append(f"{stage}: {f / 1e9:.1f} GFLOP in {secs[stage]:.1f} s = {rate:.0f} GFLOP/s, "
+                         f"{100 * rate / peak['conv']:.0f}% of the convolution peak, "
+                         f"{100 * rate / peak['matmul']:.0f}% of the matrix product's")
+    return lines
 
 
 def run_benchmark(args):
@@ -173,6 +196,8 @@ def run_benchmark(args):
             if r["stage_seconds"]:
                 print(" " * 13 + "stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_seconds"].items())
                       + f"; the rest {r['seconds'] - sum(r['stage_seconds'].values()):.1f} s", flush=True)
+            for line in roofline_lines(r):
+                print(" " * 13 + line, flush=True)
         if "reference" in results:
             a, b = np.load(td / "ours.npy"), np.load(td / "reference.npy")
             labels = sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})

@@ -173,6 +173,12 @@ def _check_options(card: dict) -> None:
                  unc["boundary_sigma"])
 
 
+def _check_precision(card: dict) -> None:
+    prec = _object(card, "precision", "precision")
+    if prec and "cpu_bf16" in prec:
+        _require(isinstance(prec["cpu_bf16"], bool), "precision.cpu_bf16", "true or false", prec["cpu_bf16"])
+
+
 def _check_training(card: dict) -> None:
     tr = _object(card, "training", "training")
     if not tr:
@@ -222,6 +228,7 @@ def validate_card(card, where: str = "model card") -> dict:
         _check_segments(card["segments"])
         _check_lmm(card["lmm"])
         _check_options(card)
+        _check_precision(card)
         _check_training(card)
         _object(card, "metrics", "metrics")
         _int(card, "trainable_parameters", "trainable_parameters", 0, 2 ** 63 - 1)

@@ -151,8 +151,8 @@ def _typed(cls):
 @dataclass(eq=False)
 class ModelCard(_Typed):
     """Everything a model folder says about its model. ``normalization``, ``lmm``, ``postprocess``, ``presence``
-    (presence.py), ``uncertainty`` (uncertainty.py), ``training`` and ``metrics`` are the card's JSON objects as read
-    (dicts)."""
+    (presence.py), ``uncertainty`` (uncertainty.py), ``precision`` (bf16 measured against fp32, see
+    ``pipeline.inference_precision``), ``training`` and ``metrics`` are the card's JSON objects as read (dicts)."""
 
     format_version: int | None = None
     name: str | None = None
@@ -173,6 +173,7 @@ class ModelCard(_Typed):
     postprocess: dict | None = None
     presence: dict | None = None
     uncertainty: dict | None = None
+    precision: dict | None = None
     training: dict | None = None
     metrics: dict | None = None
     trainable_parameters: int | None = None

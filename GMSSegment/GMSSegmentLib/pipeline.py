@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -56,6 +57,10 @@ class SegmentStats:
     #: wall seconds per stage of the loop ("encoder", "lmm", "decoder"); measured on the CPU only (CUDA runs
     #: asynchronously, so a stage's wall time there is not its cost)
     stage_seconds: dict = field(default_factory=dict)
+    #: with ``count_flops`` (gms benchmark): floating-point operations per stage (convolutions, matrix products and
+    #: attention, as ``torch.utils.flop_counter`` counts them: 2 per multiply-add)
+    stage_flops: dict = field(default_factory=dict)
+    count_flops: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -106,6 +111,31 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+def bf16_accepted(card) -> bool:
+    """Whether the model card accepts bf16 inference: its ``precision.cpu_bf16`` is true, which ``python
+    benchmarks/precision_accuracy.py --record`` writes when bf16's paired mean DSC difference to fp32 on the model's
+    held-out list is at least ``BF16_BAR`` (a card without the measurement: no)."""
+    measured = getattr(card, "precision", None) if not isinstance(card, dict) else card.get("precision")
+    return bool((measured or {}).get("cpu_bf16") is True)
+
+
+#: the paired mean DSC difference (bf16 minus fp32, in DSC points) a model must reach for bf16 to be its default on CPUs
+BF16_BAR = -0.3
+
+
+def inference_precision(device: torch.device, precision: str = "auto", card=None) -> str:
+    """The precision the slice loop runs in. ``bf16`` and ``fp32`` are kept; ``auto`` is: on CUDA ``auto`` (bf16, else
+    fp16 autocast); on the CPU ``bf16`` where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16; an AVX2-only CPU
+    emulates it slowly) and the model card accepts bf16 (:func:`bf16_accepted`: it was measured as accurate as fp32 on
+    the model's held-out cases), else ``fp32``. ``GMS_PRECISION`` (auto, bf16, fp32) replaces ``auto``."""
+    precision = _precision_name(precision)
+    if precision == "auto":
+        precision = _precision_name(os.environ.get("GMS_PRECISION") or "auto")
+    if precision != "auto" or device.type == "cuda":
+        return precision
+    return "bf16" if cpu_has_fast_bf16() and bf16_accepted(card) else "fp32"
 
 
 def training_precision(device: torch.device, precision: str = "auto") -> str:
@@ -195,7 +225,8 @@ class SliceSegmenter:
         self.model = self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.fast = fast if isinstance(fast, FastDecodeSettings) else FastDecodeSettings(enabled=bool(fast))
         self.codes = model.codes
-        self.precision = _precision_name(precision)  # an unknown precision fails here, before any work
+        # an unknown precision fails here, before any work; auto is resolved for this CPU and model here
+        self.precision = inference_precision(self.device, precision, model.card)
         self.tta = tta_views(model.card) if tta is None else int(tta)
         if self.tta not in TTA_FLIPS:
             raise GMSError(f"test-time augmentation takes 1, 2, 4 or 8 views, not {tta}")
@@ -237,12 +268,20 @@ class SliceSegmenter:
         if self.device.type != "cpu":
             yield
             return
+        counter = contextlib.nullcontext()
+        if self.stats.count_flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
         t0 = time.perf_counter()
         try:
-            yield
+            with counter:
+                yield
         finally:
             st = self.stats.stage_seconds
             st[stage] = st.get(stage, 0.0) + time.perf_counter() - t0
+            if self.stats.count_flops:
+                self.stats.stage_flops[stage] = self.stats.stage_flops.get(stage, 0) + counter.get_total_flops()
 
     def _autocast(self, stage: str):
         """The autocast context of one stage of the loop ("encoder", "lmm" or "decoder"): the same for all three
