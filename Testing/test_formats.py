@@ -8,7 +8,8 @@ import pytest
 import SimpleITK as sitk
 
 from GMSSegmentLib import GMSError, formats
-from GMSSegmentLib.cli import default_output, main
+from GMSSegmentLib.cli import main
+from GMSSegmentLib.segmentcmd import default_output
 from GMSSegmentLib.data import find_image, volume_path
 from GMSSegmentLib.imageio import Geometry, read_image, write_labels
 from GMSSegmentLib.labelwrite import output_format
@@ -39,13 +40,14 @@ def test_split_extension_and_default_output_extension():
         assert formats.default_output_extension(f"a{ext}") == ".png"
     for ext in formats.VOLUME_EXTENSIONS + (formats.SEGMENTATION_EXTENSION, ".gif", ""):
         assert formats.default_output_extension(f"a{ext}") == ".seg.nrrd"
+    assert formats.default_output_extension("a.DCM") == ".dcm"  # DICOM in: a DICOM SEG out
     assert set(formats.INPUT_EXTENSIONS) == set(formats.IMAGE_2D_EXTENSIONS) | set(formats.VOLUME_EXTENSIONS) | {
-        ".seg.nrrd"}
+        ".seg.nrrd", ".dcm"}
 
 
 def test_the_command_line_names_outputs_by_the_registry(tmp_path):
     for ext in formats.INPUT_EXTENSIONS:
-        expected = ".png" if ext in formats.IMAGE_2D_EXTENSIONS else ".seg.nrrd"
+        expected = ".png" if ext in formats.IMAGE_2D_EXTENSIONS else ".dcm" if ext == ".dcm" else ".seg.nrrd"
         assert str(default_output(f"/d/case{ext.upper()}", None, None)) == f"/d/case_gms{expected}"
     assert str(default_output("/d/a.b.gif", tmp_path, None)) == str(tmp_path / "a.b_gms.seg.nrrd")
     assert str(default_output("/d/a.png", None, "nii.gz")) == "/d/a_gms.nii.gz"
@@ -79,7 +81,8 @@ def test_data_sets_find_exactly_the_registry_volume_extensions(tmp_path):
     assert volume_path(tmp_path, "imagesTr", "many").name == f"many{formats.VOLUME_EXTENSIONS[0]}"
 
 
-@pytest.mark.parametrize("ext", formats.INPUT_EXTENSIONS)
+# DICOM (a series folder or a .dcm file, read and written with its source files): test_dicom.py
+@pytest.mark.parametrize("ext", [e for e in formats.INPUT_EXTENSIONS if e != formats.DICOM_EXTENSION])
 def test_read_image_reads_every_input_format(tmp_path, ext):
     two_d = ext in formats.IMAGE_2D_EXTENSIONS
     path = tmp_path / f"in{ext}"
@@ -89,7 +92,7 @@ def test_read_image_reads_every_input_format(tmp_path, ext):
     assert img.array.shape[:3] == ((1, 32, 40) if two_d else (4, 16, 20))  # ITK writes BMP as RGB
 
 
-@pytest.mark.parametrize("ext", formats.OUTPUT_EXTENSIONS)
+@pytest.mark.parametrize("ext", [e for e in formats.OUTPUT_EXTENSIONS if e != formats.DICOM_EXTENSION])
 def test_write_labels_writes_every_output_format(tmp_path, ext):
     geometry = Geometry(2, (40, 32), (0.0, 0.0), (1.0, 1.0), (1.0, 0.0, 0.0, 1.0))
     labels = np.zeros((1, 32, 40), np.uint8)
@@ -102,6 +105,13 @@ def test_write_labels_writes_every_output_format(tmp_path, ext):
     raw = (tmp_path / f"out{ext}").read_bytes()
     if ext in (".nrrd", ".seg.nrrd"):
         assert (b"encoding: gzip" in raw) == compressed
+
+
+def test_a_dicom_seg_needs_its_source_series(tmp_path):
+    geometry = Geometry(2, (40, 32), (0.0, 0.0), (1.0, 1.0), (1.0, 0.0, 0.0, 1.0))
+    with pytest.raises(GMSError, match="DICOM SEG references its source series"):
+        write_labels(tmp_path / "out.dcm", np.zeros((1, 32, 40), np.uint8), geometry, [])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_other_outputs_are_refused_with_the_registry_list(tmp_path, capsys):

@@ -96,6 +96,21 @@ def test_bundled_models_through_the_worker(scene, logic, temp_root, busi_images,
             volume = L.addVolumeNodeFromFile(scene, path)
         job = logic.segment(volume, str(model), device="cpu", weightsDir=weights_dir, timeout=JOB_TIMEOUT)
         check_result(job, volume, model, expected[str(path)])
+        # each segment carries the card's codes as Slicer's terminology entry: Slicer's own DICOM export of the node
+        # writes them into its SEG (category and type, the 2nd and 3rd of the entry's seven parts)
+        segmentation = job.segmentationNodes[0].GetSegmentation()
+        cards = {s["name"]: s["terminology"] for s in card_of(model)["segments"]}
+        for k in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(k)
+            if hasattr(segment, "GetTerminology"):  # Slicer 5.10 and later
+                entry = segment.GetTerminology()
+            else:
+                value = vtk.reference("")
+                segment.GetTag("TerminologyEntry", value)
+                entry = str(value)
+            parts = entry.split("~")
+            codes = cards[segment.GetName()]
+            assert parts[1:3] == ["^".join(codes["category"]), "^".join(codes["type"])], entry
     assert os.listdir(temp_root) == []
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import GMSError
 from .modelcard import ModelCard
 from .orientation import check_code
+from .terminology import is_code
 
 FORMAT_VERSION = 1
 #: the fields a card cannot do without
@@ -91,6 +92,11 @@ def _check_segments(segments) -> None:
         code = _rgb(s.get("code"), f + ".code")
         _require(any(code), f + ".code", "a colour other than black (the background)", s["code"])
         _require(code not in codes, f + ".code", "unique among the segments", s["code"])
+        if "terminology" in s:
+            term = s["terminology"]
+            _require(isinstance(term, dict) and is_code(term.get("category")) and is_code(term.get("type"))
+                     and ("modifier" not in term or is_code(term["modifier"])), f + ".terminology",
+                     'an object {"category": [scheme, value, meaning], "type": [...]} of non-empty strings', term)
         names.add(name)
         labels.add(s["label"])
         codes.add(code)

@@ -10,13 +10,11 @@ import json
 import os
 import signal
 import sys
-import time
-from pathlib import Path
 
 from . import GMSError, __version__
 from .allocator import keep_freed_memory
-from .formats import default_output_extension, split_extension
 from .reporting import Reporter
+from .segmentcmd import cmd_segment
 
 
 class _Terminated(BaseException):
@@ -32,153 +30,6 @@ def _threads(n: int | None):
         import torch
 
         torch.set_num_threads(n)
-
-
-def default_output(input_path: str, out_dir: Path | None, fmt: str | None) -> Path:
-    """``<stem>_gms<fmt>`` in ``out_dir`` (default: the input's folder); ``fmt`` None: the input's default output
-    format (:func:`formats.default_output_extension`)."""
-    p = Path(input_path)
-    stem = split_extension(p)[0]
-    if fmt is None:
-        fmt = default_output_extension(p)
-    return (out_dir or p.parent) / f"{stem}_gms{fmt if fmt.startswith('.') else '.' + fmt}"
-
-
-# -- segment ------------------------------------------------------------------------------------------------------------
-def cmd_segment(args, rep: Reporter) -> int:
-    from .outputplan import map_output, output_problems, png_label_problem
-
-    if args.jobs:
-        try:
-            jobs = json.loads(Path(args.jobs).read_text())
-            jobs = [{"input": str(j["input"]), "output": str(j["output"]),
-                     **({"uncertainty": str(j["uncertainty"])} if j.get("uncertainty") else {})} for j in jobs]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise GMSError(f"cannot read the jobs file {args.jobs}: {e}") from None
-    else:
-        if not args.inputs:
-            raise GMSError("no input given")
-        if len(args.inputs) > 1 or (args.output and Path(args.output).is_dir()):
-            out_dir = Path(args.output) if args.output else None
-            if out_dir is not None and not out_dir.is_dir():
-                raise GMSError(f"with several inputs, -o must be an existing folder: {out_dir}")
-            jobs = [{"input": i, "output": str(default_output(i, out_dir, args.format))} for i in args.inputs]
-        else:
-            out = args.output or str(default_output(args.inputs[0], None, args.format))
-            jobs = [{"input": args.inputs[0], "output": out}]
-    batch = len(jobs) > 1 or bool(args.jobs)
-    if args.uncertainty:
-        if batch and not Path(args.uncertainty).is_dir():
-            raise GMSError(f"with several inputs, --uncertainty must be an existing folder: {args.uncertainty}")
-        for j in jobs:
-            j["uncertainty"] = map_output(j["output"], args.uncertainty) if batch else args.uncertainty
-    n_ok = n_failed = 0
-    # every output is checked before any model is loaded: a single input's problem is the command's error; a batch
-    # item's is that item's error, and the other items run. Uncertainty maps are checked as outputs of their item.
-    maps = [i for i, j in enumerate(jobs) if j.get("uncertainty")]
-    checked = output_problems(jobs + [{"input": jobs[i]["input"], "output": jobs[i]["uncertainty"]} for i in maps],
-                              overwrite=args.overwrite)
-    problems = checked[:len(jobs)]
-    for k, i in enumerate(maps):
-        if jobs[i]["uncertainty"].lower().endswith(".seg.nrrd"):
-            checked[len(jobs) + k] = (f"cannot write the uncertainty map {jobs[i]['uncertainty']}: a .seg.nrrd holds "
-                                      "labels; use .nrrd, .nii.gz or .png")
-        problems[i] = problems[i] or checked[len(jobs) + k]
-    for i, problem in enumerate(problems):
-        if problem is not None:
-            if not batch:
-                raise GMSError(problem)
-            n_failed += 1
-            rep.error(problem, input=jobs[i]["input"], item=i)
-    todo = [i for i, problem in enumerate(problems) if problem is None]
-
-    if todo:  # PyTorch is imported only now
-        from .imageio import read_image, write_labels
-        from .labelwrite import write_map
-        from .model import load_model, resolve_model_path
-        from .uncertainty import result_uncertainty, settings_of
-        from .options import InferenceOptions
-        from .pipeline import pick_device, segment_array, segmenter_for
-
-        device = pick_device(args.device)
-        model_dir = resolve_model_path(args.model)
-        rep.log(f"model {model_dir} on {device}")
-        load = getattr(args, "model_cache", None) or load_model  # a warm worker (serve.py) keeps models loaded
-        model = load(model_dir, weights_dir=args.weights_dir, device=device,
-                     progress=rep.download_progress("foundation weights"))
-        options = InferenceOptions.from_args(args)
-        segmenter = segmenter_for(model, options, device)
-        max_label = max(model.card.label_values, default=0)
-    for i in todo:
-        job = jobs[i]
-        extra = {"item": i} if batch else {}
-        t0 = time.perf_counter()
-        try:
-            problem = png_label_problem(job["output"], max_label)  # the model's labels: known only now
-            if problem is not None:
-                raise GMSError(problem)
-            img = read_image(job["input"])
-            name = Path(job["input"]).name
-
-            def progress(done, total):
-                if done == 0:
-                    rep.start(total, desc=name, input=job["input"], **extra)
-                rep.progress(done, total, **extra)
-
-            soft: dict = {}
-            labels = segment_array(model, img.array, options, segmenter=segmenter,
-                                   spacing_zyx=img.geometry.spacing_zyx, direction=img.geometry.direction,
-                                   log=lambda msg: rep.log(f"{name}: {msg}"), progress=progress, soft=soft)
-            rep.close_bar()
-            unc = result_uncertainty(soft, *settings_of(model.card), with_map=bool(job.get("uncertainty")))
-            del soft
-            present = [s for s in model.segments if (labels == s.label).any()]
-            map_path = None
-            if job.get("uncertainty"):
-                map_path = write_map(job["uncertainty"], unc.map, img.geometry, overwrite=args.overwrite)
-            try:
-                path = write_labels(job["output"], labels, img.geometry, [s.to_dict() for s in model.segments],
-                                    overwrite=args.overwrite)
-            except GMSError:
-                if map_path is not None:  # no map without its mask
-                    Path(map_path).unlink(missing_ok=True)
-                raise
-            secs = time.perf_counter() - t0
-            slices = {"slice_uncertainty": {"axis": unc.axis, "scores": [round(float(v), 4) for v in unc.slices]}
-                      } if unc.slices.size > 1 else {}
-            rep.emit("result", path=path, input=job["input"], seconds=round(secs, 3),
-                     segments=[{"name": s.name, "label": s.label, "color": s.color} for s in model.segments],
-                     present=[s.name for s in present], uncertainty=round(unc.score, 4),
-                     **({"uncertainty_path": map_path} if map_path else {}), **slices, **extra)
-            if rep.mode != "json":
-                names = found_text([s.name for s in model.segments], [s.name for s in present])
-                print(f"{job['input']} -> {path} ({secs:.1f} s; {names}; uncertainty {unc.score:.2f})", flush=True)
-            n_ok += 1
-        except GMSError as e:
-            n_failed += 1
-            rep.error(str(e), input=job["input"], **extra)
-            if not batch:
-                return 2
-        except Exception as e:  # an unexpected failure of one batch item must not stop the others
-            if not batch:
-                raise
-            import traceback
-
-            traceback.print_exc(file=sys.stderr)
-            n_failed += 1
-            rep.error(f"unexpected {type(e).__name__}: {e}", input=job["input"], **extra)
-    if batch:
-        rep.emit("done", ok=n_ok, failed=n_failed)
-        if rep.mode != "json":
-            print(f"{n_ok} segmented, {n_failed} failed", flush=True)
-    return 0 if n_failed == 0 else 2
-
-
-def found_text(segments: list[str], present: list[str]) -> str:
-    """The result line's account of what was found: "lesion", "no lesion found", "left, no right found"."""
-    missing = [n for n in segments if n not in present]
-    parts = list(present) + ([f"no {' or '.join(missing)} found"] if missing else [])
-    return ", ".join(parts)
 
 
 # -- train --------------------------------------------------------------------------------------------------------------
@@ -307,12 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="progress display; json = one JSON object per stdout line (the Slicer worker protocol)")
 
     s = sub.add_parser("segment", help="segment images or volumes")
-    s.add_argument("inputs", nargs="*", help="PNG/JPEG images or NRRD/NIfTI/MHA volumes")
+    s.add_argument("inputs", nargs="*", help="PNG/JPEG images, NRRD/NIfTI/MHA volumes, DICOM series folders or .dcm "
+                   "files")
     s.add_argument("-o", "--output", help="output file (.seg.nrrd, .nrrd, .nii.gz, .png) or, for several inputs, "
                                           "a folder")
     s.add_argument("--jobs", help="JSON file [{input, output}, ...]: a batch in which a failing item does not stop "
                                   "the others")
-    s.add_argument("--format", default=None, help="output extension for outputs named automatically")
+    s.add_argument("--format", default=None, help="output extension for outputs named automatically (.dcm: a DICOM "
+                   "SEG referencing the source series, for DICOM inputs)")
+    s.add_argument("--series", metavar="UID", default=None,
+                   help="of a folder holding several DICOM series, segment only the series with this Series Instance "
+                        "UID (default: each series, one output per series)")
     s.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
                    help="slicing axis in numpy (z, y, x) order, after any reorientation to the model card's "
                         "orientation (default: the card's axis)")

@@ -18,11 +18,17 @@ VOLUME_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha")
 #: 3D Slicer segmentation (a labelmap NRRD with Slicer's header fields); read as a volume, written with its segments
 SEGMENTATION_EXTENSION = ".seg.nrrd"
 
-#: the files ``gms segment`` reads: 2D images, volumes and 3D Slicer segmentations
-INPUT_EXTENSIONS: tuple[str, ...] = VOLUME_EXTENSIONS + (SEGMENTATION_EXTENSION,) + IMAGE_2D_EXTENSIONS
+#: DICOM: a file (``gms segment`` also reads a folder of one or more series, see dicomio.py); as an output, a DICOM
+#: Segmentation (SEG) object that references the source series (dicomseg.py)
+DICOM_EXTENSION = ".dcm"
+
+#: the files ``gms segment`` reads: 2D images, volumes, 3D Slicer segmentations and DICOM files (and series folders)
+INPUT_EXTENSIONS: tuple[str, ...] = VOLUME_EXTENSIONS + (SEGMENTATION_EXTENSION,) + IMAGE_2D_EXTENSIONS + (
+    DICOM_EXTENSION,)
 
 #: label map outputs (longest first: ``.seg.nrrd`` before ``.nrrd``)
-OUTPUT_EXTENSIONS: tuple[str, ...] = (SEGMENTATION_EXTENSION, ".nii.gz", ".nrrd", ".nii", ".mha", ".png")
+OUTPUT_EXTENSIONS: tuple[str, ...] = (SEGMENTATION_EXTENSION, ".nii.gz", ".nrrd", ".nii", ".mha", ".png",
+                                      DICOM_EXTENSION)
 
 #: outputs written with compression
 COMPRESSED_OUTPUT_EXTENSIONS: tuple[str, ...] = (".nrrd", SEGMENTATION_EXTENSION, ".mha", ".nii.gz")
@@ -65,8 +71,16 @@ def is_2d_image(path: str | os.PathLike) -> bool:
     return known_extension(path) in IMAGE_2D_EXTENSIONS
 
 
+def is_dicom(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOM input: a folder (of series) or a ``.dcm`` file."""
+    return os.path.isdir(os.fspath(path)) or known_extension(path) == DICOM_EXTENSION
+
+
 def default_output_extension(input_path: str | os.PathLike) -> str:
-    """The output format of an input when no other is asked for: PNG for a 2D image, else a 3D Slicer segmentation."""
+    """The output format of an input when no other is asked for: PNG for a 2D image, a DICOM SEG for DICOM, else a 3D
+    Slicer segmentation."""
+    if is_dicom(input_path):
+        return DICOM_EXTENSION
     return OUTPUT_FOR_2D if is_2d_image(input_path) else OUTPUT_FOR_VOLUME
 
 

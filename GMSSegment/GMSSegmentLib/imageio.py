@@ -33,7 +33,7 @@ import SimpleITK as sitk
 
 from . import GMSError
 from .errortext import one_line, sitk_reason
-from .formats import INPUT_EXTENSIONS  # noqa: F401  (re-exported: the files read_image is meant for)
+from .formats import INPUT_EXTENSIONS, is_dicom  # noqa: F401  (re-exported: the files read_image is meant for)
 from .inputcheck import read_verified
 
 __all__ = [
@@ -211,6 +211,8 @@ class LoadedImage:
     is_rgb: bool
     path: str
     pixel_type: str = field(default="float32")
+    #: for a DICOM input: the file behind each slice, in the array's slice order (what a DICOM SEG references)
+    dicom_files: tuple = ()
 
     @property
     def is_2d(self) -> bool:
@@ -228,8 +230,9 @@ _COMPLEX_IDS = {
 }
 
 
-def read_image(path: str | os.PathLike) -> LoadedImage:
-    """Read a 2D image or 3D volume with its geometry.
+def read_image(path: str | os.PathLike, series_uid: str | None = None) -> LoadedImage:
+    """Read a 2D image or 3D volume with its geometry; a DICOM series folder or ``.dcm`` file through dicomio.py
+    (``series_uid`` picks one series of a folder that holds several).
 
     Raises :class:`GMSError` (one line, naming the file) for a missing/empty/unreadable file, an unsupported
     dimensionality (not 2D/3D, multi-component pixels other than RGB/RGBA/gray+alpha in 2D or other than RGB in 3D,
@@ -239,8 +242,11 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     p = os.fspath(path)
     if not os.path.exists(p):
         raise GMSError(f"image file not found: {p}")
-    if os.path.isdir(p):
-        raise GMSError(f"{p} is a folder, not an image file")
+    if is_dicom(p):
+        from .dicomio import read_dicom
+
+        img, files = read_dicom(p, series_uid)
+        return _loaded(img, p, dicom_files=files)
     try:
         if os.path.getsize(p) == 0:
             raise GMSError(f"cannot read image {p}: the file is empty")
@@ -252,7 +258,11 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         raise GMSError(f"cannot read image {p}: {sitk_reason(e)}") from e
     except OSError as e:  # pragma: no cover - permission problems surface as RuntimeError in SimpleITK
         raise GMSError(f"cannot read image {p}: {one_line(e)}") from e
+    return _loaded(img, p)
 
+
+def _loaded(img: sitk.Image, p: str, dicom_files: tuple = ()) -> LoadedImage:
+    """The checks of a read image (dimension, components, geometry, finite and not constant) and its LoadedImage."""
     dim = img.GetDimension()
     size = tuple(img.GetSize())
     if dim not in (2, 3):
@@ -299,7 +309,8 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
         shown = v[0] if len(v) == 1 else tuple(v)
         raise GMSError(f"{p}: the image is constant (every voxel is {shown}); nothing to segment")
 
-    return LoadedImage(array=array, geometry=geometry, is_rgb=is_rgb, path=p, pixel_type=pixel_type)
+    return LoadedImage(array=array, geometry=geometry, is_rgb=is_rgb, path=p, pixel_type=pixel_type,
+                       dicom_files=tuple(dicom_files))
 
 
 # -------------------------------------------------------------------------------------------------------- writing

@@ -115,7 +115,8 @@ def _normalise_segments(arr: np.ndarray, segments: Sequence[dict] | None) -> lis
                 "name_auto": not name,
                 "color": _format_color(color if color is not None else _default_color(label)),
                 "color_auto": color is None,
-                "terminology": _header_text(seg["terminology"]) if seg.get("terminology") else None,
+                "terminology": _header_text(_terminology_text(seg["terminology"], seg)) if seg.get("terminology")
+                else None,
             }
         )
     for label in present:  # labels in the map without a description still become (auto-named) segments
@@ -236,6 +237,9 @@ def write_labels(
     """
     ext = output_format(path)
     dest = os.fspath(path)
+    if ext == ".dcm":
+        raise GMSError(f"cannot write {dest}: a DICOM SEG references its source series; it is written from a DICOM "
+                       "input (dicomseg.write_seg)")
     arr = _check_labels(labels, geometry)
     max_label = int(arr.max()) if arr.size else 0
 
@@ -313,3 +317,11 @@ def _check_written(tmp: str, dest: str, img: sitk.Image) -> None:
     except GMSError as e:
         raise write_failed(dest, str(e).replace(f"{tmp}: ", "", 1).replace(tmp, dest)) from None
 
+
+def _terminology_text(value, segment: dict) -> str:
+    """A segment's terminology as Slicer's entry string: as given, or built from a card's codes (terminology.py)."""
+    if isinstance(value, dict):
+        from .terminology import slicer_terminology
+
+        return slicer_terminology(segment)
+    return str(value)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 from . import GMSError
+from .formats import is_dicom
 
 __all__ = ["output_problems", "png_label_problem", "map_output"]
 
@@ -57,7 +58,10 @@ def output_problems(jobs: list[dict], overwrite: bool = False) -> list[str | Non
                 problem = f"output {out} is also the output of item {same_output} ({jobs[same_output]['input']})"
             else:
                 problem = _destination_problem(out, overwrite, folders)
-            if problem is None and ext == ".png" and _dimension(src) == 3:
+            if problem is None and ext == ".dcm" and not is_dicom(src):
+                problem = (f"cannot write {out}: a DICOM SEG references its source series, and {src} is not DICOM (a "
+                           "series folder or a .dcm file); use .seg.nrrd, .nrrd or .nii.gz")
+            if problem is None and ext == ".png" and (is_dicom(src) or _dimension(src) == 3):
                 problem = (f"cannot write {out}: PNG output needs a 2D image and {src} is a 3D volume; use .nrrd, "
                            ".nii.gz or .seg.nrrd")
             if problem is None:

@@ -13,6 +13,7 @@ import numpy as np
 from .. import formats
 from ..imageio import Geometry, read_stored
 from ..modelcard import Segment
+from ..terminology import slicer_terminology
 from .geometry import _imageToWorld, _vtkMatrix, ijkToRasFromLpsGeometry, ijkToRasFromVolumeNode
 from .mrml import _removeNode, slicer, vtk
 from .states import VolumeTask
@@ -90,8 +91,11 @@ def _normalisedSegments(segments: Any) -> list[dict]:
                 color = None
         except (TypeError, ValueError):
             color = None
+        term = s.get("terminology")
+        if isinstance(term, dict):  # a card's codes: Slicer's terminology entry string (terminology.py)
+            term = slicer_terminology(s)
         out.append({"name": str(s.get("name") or f"Segment_{s['label']}"), "label": int(s["label"]), "color": color,
-                    "terminology": s.get("terminology")})
+                    "terminology": term})
     return out
 
 
