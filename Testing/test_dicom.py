@@ -177,3 +177,23 @@ def test_card_terminology_is_checked():
     card["segments"][0]["terminology"] = {"category": ["SCT", "49755003"], "type": ["SCT", "4147007", "Mass"]}
     with pytest.raises(GMSError, match=r"segments\[0\]\.terminology"):
         parse_card(card)
+
+
+def test_nothing_found_is_a_valid_seg_with_empty_frames(series, tmp_path):
+    """A result without any segment (as ``gms segment`` gives where nothing is found) is written as a valid SEG whose
+    frames are empty (highdicom keeps them when every frame would be left out), read back as all background."""
+    from GMSSegmentLib.dicomseg import write_seg
+    from GMSSegmentLib.model import GMSModel
+
+    folder, uids = series
+    files = _gdcm_order(folder)
+    model = GMSModel.load(resolve_model_path("hippocampus"))
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    labels = np.zeros((uids["slices"], first.Rows, first.Columns), np.uint8)
+    path = write_seg(tmp_path / "empty.dcm", labels, files, model.segments, model.card, resolve_model_path("hippocampus"))
+    seg = pydicom.dcmread(path, stop_before_pixels=True)
+    assert seg.SegmentationType == "BINARY" and len(seg.SegmentSequence) == 2
+    assert not _seg_labels(path, files).any()
+    with pytest.raises(Exception, match="result slices"):
+        write_seg(tmp_path / "wrong.dcm", labels[:3], files, model.segments, model.card)
+    assert not (tmp_path / "wrong.dcm").exists()
