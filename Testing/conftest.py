@@ -44,8 +44,9 @@ def worker_env() -> dict:
 def run_gms(*args, check=False, timeout=600, **kw) -> subprocess.CompletedProcess:
     """Run the command line exactly as the Slicer worker does: ``python -m GMSSegmentLib ...``."""
     # decoded as UTF-8, not in the test process's locale encoding (one CI run had it ASCII; the bars are not ASCII)
+    env = kw.pop("env", None) or worker_env()
     p = subprocess.run([sys.executable, "-m", "GMSSegmentLib", *map(str, args)], capture_output=True, text=True,
-                       encoding="utf-8", errors="replace", env=worker_env(), timeout=timeout, **kw)
+                       encoding="utf-8", errors="replace", env=env, timeout=timeout, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"gms {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p

@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                         ".nrrd/.nii.gz/.nii/.mha on the input's grid, or an 8-bit .png for a 2D image (255 = most "
                         "uncertain); with several inputs a folder, each map named as its mask")
     s.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    s.add_argument("--cluster", metavar="RAY", default=None,
+                   help="spread the items over Ray actors: 'ray' starts a local Ray instance, 'ray://HOST:PORT' uses a "
+                        "running cluster (needs pip install 'gmssegment[ray]'; see docs/CLUSTER.md)")
+    s.add_argument("--actors", type=int, default=None,
+                   help="with --cluster: how many actors, each holding one loaded model (default: as many as the "
+                        "cluster's GPUs with --device cuda, else its CPUs / --threads)")
     common(s)
     s.set_defaults(func=cmd_segment)
 

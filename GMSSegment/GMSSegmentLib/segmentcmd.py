@@ -36,7 +36,7 @@ def default_output(input_path: str, out_dir: Path | None, fmt: str | None, stem:
 
 # -- segment ------------------------------------------------------------------------------------------------------------
 def cmd_segment(args, rep: Reporter) -> int:
-    from .outputplan import map_output, output_problems, png_label_problem
+    from .outputplan import map_output, output_problems
 
     if args.jobs:
         try:
@@ -98,14 +98,17 @@ def cmd_segment(args, rep: Reporter) -> int:
                 n_failed += 1
                 rep.error(problem, input=jobs[i]["input"], item=i)
             todo = [i for i in todo if i not in dicom_out]
+    if todo and getattr(args, "cluster", None):  # spread over Ray actors (clusterrun.py); the driver writes
+        from .clusterrun import run_on_cluster
+
+        ok, failed = run_on_cluster(jobs, todo, args, rep, batch)
+        n_ok, n_failed = n_ok + ok, n_failed + failed
+        todo = []
     if todo:  # PyTorch is imported only now
-        from .imageio import read_image, write_labels
-        from .labelwrite import write_map
+        from .imageio import read_image
         from .model import load_model, resolve_model_path
-        from .terminology import has_codes, slicer_terminology
-        from .uncertainty import result_uncertainty, settings_of
         from .options import InferenceOptions
-        from .pipeline import pick_device, segment_array, segmenter_for
+        from .pipeline import pick_device, segmenter_for
 
         device = pick_device(args.device)
         model_dir = resolve_model_path(args.model)
@@ -115,15 +118,12 @@ def cmd_segment(args, rep: Reporter) -> int:
                      progress=rep.download_progress("foundation weights"))
         options = InferenceOptions.from_args(args)
         segmenter = segmenter_for(model, options, device)
-        max_label = max(model.card.label_values, default=0)
     for i in todo:
         job = jobs[i]
         extra = {"item": i} if batch else {}
         t0 = time.perf_counter()
         try:
-            problem = png_label_problem(job["output"], max_label)  # the model's labels: known only now
-            if problem is not None:
-                raise GMSError(problem)
+            check_png_labels(job, model.card)
             img = read_image(job["input"], series_uid=job.get("series"))
             name = Path(job["input"]).name
 
@@ -132,42 +132,11 @@ def cmd_segment(args, rep: Reporter) -> int:
                     rep.start(total, desc=name, input=job["input"], **extra)
                 rep.progress(done, total, **extra)
 
-            soft: dict = {}
-            labels = segment_array(model, img.array, options, segmenter=segmenter,
-                                   spacing_zyx=img.geometry.spacing_zyx, direction=img.geometry.direction,
-                                   log=lambda msg: rep.log(f"{name}: {msg}"), progress=progress, soft=soft)
+            labels, unc = compute(model, options, segmenter, img.array, img.geometry.spacing_zyx,
+                                  img.geometry.direction, bool(job.get("uncertainty")),
+                                  log=lambda msg: rep.log(f"{name}: {msg}"), progress=progress)
             rep.close_bar()
-            unc = result_uncertainty(soft, *settings_of(model.card), with_map=bool(job.get("uncertainty")))
-            del soft
-            present = [s for s in model.segments if (labels == s.label).any()]
-            map_path = None
-            if job.get("uncertainty"):
-                map_path = write_map(job["uncertainty"], unc.map, img.geometry, overwrite=args.overwrite)
-            try:
-                if job["output"].lower().endswith(".dcm"):
-                    from .dicomseg import write_seg
-
-                    path = write_seg(job["output"], labels, img.dicom_files, model.segments, model.card, model_dir,
-                                     overwrite=args.overwrite)
-                else:
-                    path = write_labels(job["output"], labels, img.geometry, [s.to_dict() for s in model.segments],
-                                        overwrite=args.overwrite)
-            except GMSError:
-                if map_path is not None:  # no map without its mask
-                    Path(map_path).unlink(missing_ok=True)
-                raise
-            secs = time.perf_counter() - t0
-            slices = {"slice_uncertainty": {"axis": unc.axis, "scores": [round(float(v), 4) for v in unc.slices]}
-                      } if unc.slices.size > 1 else {}
-            rep.emit("result", path=path, input=job["input"], seconds=round(secs, 3),
-                     segments=[{"name": s.name, "label": s.label, "color": s.color,
-                                "terminology": slicer_terminology(s) if has_codes(s) else None}
-                               for s in model.segments],
-                     present=[s.name for s in present], uncertainty=round(unc.score, 4),
-                     **({"uncertainty_path": map_path} if map_path else {}), **slices, **extra)
-            if rep.mode != "json":
-                names = found_text([s.name for s in model.segments], [s.name for s in present])
-                print(f"{job['input']} -> {path} ({secs:.1f} s; {names}; uncertainty {unc.score:.2f})", flush=True)
+            finish_item(job, img, labels, unc, model.card, model_dir, args.overwrite, rep, t0, extra)
             n_ok += 1
         except GMSError as e:
             n_failed += 1
@@ -194,3 +163,61 @@ def found_text(segments: list[str], present: list[str]) -> str:
     missing = [n for n in segments if n not in present]
     parts = list(present) + ([f"no {' or '.join(missing)} found"] if missing else [])
     return ", ".join(parts)
+
+
+def check_png_labels(job: dict, card) -> None:
+    """A PNG output must hold the model's label values (known once the model is resolved)."""
+    from .outputplan import png_label_problem
+
+    problem = png_label_problem(job["output"], max(card.label_values, default=0))
+    if problem is not None:
+        raise GMSError(problem)
+
+
+def compute(model, options, segmenter, array, spacing_zyx, direction, with_map: bool, log=None, progress=None):
+    """The work of one input, where the model is (this process, or a Ray actor): its labels and its uncertainty."""
+    from .pipeline import segment_array
+    from .uncertainty import result_uncertainty, settings_of
+
+    soft: dict = {}
+    labels = segment_array(model, array, options, segmenter=segmenter, spacing_zyx=spacing_zyx, direction=direction,
+                           log=log, progress=progress, soft=soft)
+    return labels, result_uncertainty(soft, *settings_of(model.card), with_map=with_map)
+
+
+def finish_item(job: dict, img, labels, unc, card, model_dir, overwrite: bool, rep: Reporter, t0: float,
+                extra: dict) -> None:
+    """Write one input's outputs (the map first, removed again if the labels fail; a DICOM SEG or a label map) and
+    report the result (the JSON event and, for people, the result line)."""
+    from .imageio import write_labels
+    from .labelwrite import write_map
+    from .terminology import has_codes, slicer_terminology
+
+    segments = card.segments or []
+    present = [s for s in segments if (labels == s.label).any()]
+    map_path = None
+    if job.get("uncertainty"):
+        map_path = write_map(job["uncertainty"], unc.map, img.geometry, overwrite=overwrite)
+    try:
+        if job["output"].lower().endswith(".dcm"):
+            from .dicomseg import write_seg
+
+            path = write_seg(job["output"], labels, img.dicom_files, segments, card, model_dir, overwrite=overwrite)
+        else:
+            path = write_labels(job["output"], labels, img.geometry, [s.to_dict() for s in segments],
+                                overwrite=overwrite)
+    except GMSError:
+        if map_path is not None:  # no map without its mask
+            Path(map_path).unlink(missing_ok=True)
+        raise
+    secs = time.perf_counter() - t0
+    slices = {"slice_uncertainty": {"axis": unc.axis, "scores": [round(float(v), 4) for v in unc.slices]}
+              } if unc.slices.size > 1 else {}
+    rep.emit("result", path=path, input=job["input"], seconds=round(secs, 3),
+             segments=[{"name": s.name, "label": s.label, "color": s.color,
+                        "terminology": slicer_terminology(s) if has_codes(s) else None} for s in segments],
+             present=[s.name for s in present], uncertainty=round(unc.score, 4),
+             **({"uncertainty_path": map_path} if map_path else {}), **slices, **extra)
+    if rep.mode != "json":
+        names = found_text([s.name for s in segments], [s.name for s in present])
+        print(f"{job['input']} -> {path} ({secs:.1f} s; {names}; uncertainty {unc.score:.2f})", flush=True)

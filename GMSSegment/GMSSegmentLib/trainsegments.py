@@ -77,6 +77,9 @@ def training_segments(names: list[str] | None, label_values: list[int] | None, l
         segments = make_segments(names, labels=[s.label for s in base], colours=[s.color for s in base])
         for s, b in zip(segments, base):
             s["code"] = list(b.code)  # the colours the model's starting weights draw each segment in
+            term = b.extra.get("terminology")
+            if term is not None and s["name"] == b.name:  # what the segment is (codes), where it is the same one
+                s["terminology"] = term
     else:
         code_colours(n)  # at most as many segments as there are code colours
         segments = make_segments(names)
