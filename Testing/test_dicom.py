@@ -46,10 +46,12 @@ def _gdcm_order(folder):
 
 def test_series_in_seg_out_equals_nifti(series, volume, tmp_path):
     folder, uids = series
-    run_gms("segment", folder, "-o", tmp_path / "from-dicom.nii.gz", "--model", "hippocampus", check=True)
-    run_gms("segment", volume, "-o", tmp_path / "from-nifti.nii.gz", "--model", "hippocampus", check=True)
-    p = run_gms("segment", folder, "-o", tmp_path / "seg.dcm", "--model", "hippocampus", check=True)
-    assert "seg.dcm" in p.stdout and "anterior" in p.stdout
+    jobs = tmp_path / "jobs.json"  # one process for the three results
+    jobs.write_text(json.dumps([{"input": str(folder), "output": str(tmp_path / "from-dicom.nii.gz")},
+                                {"input": str(volume), "output": str(tmp_path / "from-nifti.nii.gz")},
+                                {"input": str(folder), "output": str(tmp_path / "seg.dcm")}]))
+    p = run_gms("segment", "--jobs", jobs, "--model", "hippocampus", "--no-tta", "--progress", "none", check=True)
+    assert "seg.dcm (" in p.stdout and "anterior" in p.stdout
     nifti = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "from-nifti.nii.gz")))
     from_dicom = sitk.ReadImage(str(tmp_path / "from-dicom.nii.gz"))
     reference = sitk.ReadImage(str(volume))
@@ -86,9 +88,10 @@ def test_series_in_seg_out_equals_nifti(series, volume, tmp_path):
 def test_ultrasound_frame_in_seg_out(busi_dir, tmp_path):
     png = busi_dir / "images" / "malignant_10.png"
     uids = write_us_image(png, tmp_path / "us" / "frame.dcm")
-    run_gms("segment", png, "-o", tmp_path / "from-png.png", "--model", "busi-lesion", check=True)
-    run_gms("segment", tmp_path / "us" / "frame.dcm", "-o", tmp_path / "us.dcm", "--model", "busi-lesion",
-            check=True)
+    jobs = tmp_path / "jobs.json"  # one process for both
+    jobs.write_text(json.dumps([{"input": str(png), "output": str(tmp_path / "from-png.png")},
+                                {"input": str(tmp_path / "us" / "frame.dcm"), "output": str(tmp_path / "us.dcm")}]))
+    run_gms("segment", "--jobs", jobs, "--model", "busi-lesion", check=True)
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "from-png.png"))) > 0
     assert expected.any()
     labels = _seg_labels(tmp_path / "us.dcm", [tmp_path / "us" / "frame.dcm"])
@@ -111,16 +114,31 @@ def test_folder_of_two_series(series, volume, tmp_path):
     # one output file for two series: refused, nothing written
     p = run_gms("segment", both, "-o", tmp_path / "one.dcm", "--model", "hippocampus")
     assert p.returncode == 2 and "-o must be an existing folder" in p.stderr and not (tmp_path / "one.dcm").exists()
-    p = run_gms("segment", both, "-o", out, "--model", "hippocampus", "--progress", "none", check=True)
+    p = run_gms("segment", both, "-o", out, "--model", "hippocampus", "--no-tta", "--progress", "none", check=True)
     assert sorted(f.name for f in out.iterdir()) == ["study_series3_gms.dcm", "study_series4_gms.dcm"]
     for name, uids in (("study_series3_gms.dcm", first), ("study_series4_gms.dcm", second)):
         seg = pydicom.dcmread(str(out / name), stop_before_pixels=True)
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uids["series"]
     p = run_gms("segment", both, "-o", tmp_path / "picked.nii.gz", "--series", second["series"], "--model",
-                "hippocampus", check=True)
+                "hippocampus", "--no-tta", check=True)
     reference = sitk.GetArrayFromImage(sitk.ReadImage(str(out.parent / "picked.nii.gz")))
     assert np.array_equal(_seg_labels(out / "study_series4_gms.dcm",
                                       _gdcm_order_of(both, second["series"])), reference)
+
+
+def test_a_study_archive_tree(series, volume, tmp_path):
+    """A folder without series of its own: every series in the folders below it, each output named by its path."""
+    folder, first = series
+    archive = tmp_path / "archive"
+    shutil.copytree(folder, archive / "patient1" / "mr")
+    second = write_mr_series(volume, archive / "patient2" / "mr", series_number=5)
+    out = tmp_path / "out"
+    out.mkdir()
+    run_gms("segment", archive, "-o", out, "--model", "hippocampus", "--no-tta", "--progress", "none", check=True)
+    assert sorted(f.name for f in out.iterdir()) == ["patient1_mr_gms.dcm", "patient2_mr_gms.dcm"]
+    for name, uids in (("patient1_mr_gms.dcm", first), ("patient2_mr_gms.dcm", second)):
+        seg = pydicom.dcmread(str(out / name), stop_before_pixels=True)
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uids["series"]
 
 
 def _gdcm_order_of(folder, uid):
@@ -159,7 +177,7 @@ def test_refusals(series, busi_dir, tmp_path):
 def test_seg_nrrd_carries_slicer_terminology(volume, tmp_path):
     """The .seg.nrrd (what Slicer's worker writes) tags each segment with the card's codes as Slicer's terminology
     entry, which Slicer's DICOM export of the Segmentation node writes into its SEG."""
-    run_gms("segment", volume, "-o", tmp_path / "r.seg.nrrd", "--model", "hippocampus", check=True)
+    run_gms("segment", volume, "-o", tmp_path / "r.seg.nrrd", "--model", "hippocampus", "--no-tta", check=True)
     img = sitk.ReadImage(str(tmp_path / "r.seg.nrrd"))
     tags = [img.GetMetaData(f"Segment{k}_Tags") for k in range(2)]
     for tag in tags:

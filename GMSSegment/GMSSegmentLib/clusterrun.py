@@ -81,7 +81,7 @@ class SegmentActor:
         return os.getpid()
 
     def segment(self, item: int, array, spacing_zyx, direction, with_map: bool):
-        from .segmentcmd import compute
+        from .itemwork import compute
 
         marker = os.environ.get("GMS_ACTOR_STATUS_DIR")  # where each actor tells which item it runs (tests, ops)
         if marker:
@@ -99,7 +99,7 @@ def run_on_cluster(jobs: list[dict], todo: list[int], args, rep, batch: bool) ->
     from .imageio import read_image
     from .model import resolve_model_path
     from .options import InferenceOptions
-    from .segmentcmd import check_png_labels, finish_item
+    from .itemwork import check_png_labels, finish_item
 
     model_dir = Path(resolve_model_path(args.model))
     card = load_card(model_dir / "card.json")

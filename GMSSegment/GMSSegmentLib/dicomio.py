@@ -87,13 +87,34 @@ def pick_series(folder: str | os.PathLike, uid: str | None = None) -> DicomSerie
     return found[0]
 
 
+def series_in_tree(folder: str | os.PathLike) -> list[tuple[str, DicomSeries]]:
+    """Every DICOM image series in the folders below ``folder`` (a study archive: patient/study/series folders), as
+    (its folder, the series) in sorted folder order; each named by its folder's path below ``folder``."""
+    top = Path(folder)
+    out = []
+    for root, dirs, _ in os.walk(top):
+        dirs.sort()
+        if Path(root) == top:
+            continue
+        rel = "_".join(Path(root).relative_to(top).parts)
+        for s in series_in(root):
+            out.append((root, DicomSeries(s.uid, s.files, rel + s.name[len(Path(root).name):])))
+    return out
+
+
 def expand_dicom_inputs(inputs: list[str], series_uid: str | None) -> list[tuple[str, str | None, str]]:
     """Each input as (path, series UID or None, output stem): a folder with several series becomes one entry per
-    series (all of them, or the ``series_uid`` one); a file or a one-series folder stays one entry."""
+    series (all of them, or the ``series_uid`` one); a folder without series of its own, one entry per series in the
+    folders below it (a study archive); a file or a one-series folder stays one entry."""
     out = []
     for path in inputs:
         if os.path.isdir(path):
             found = series_in(path)
+            if not found:
+                tree = [(root, s) for root, s in series_in_tree(path) if series_uid in (None, s.uid)]
+                if tree:
+                    out.extend((root, s.uid, s.name) for root, s in tree)
+                    continue
             if series_uid is not None:
                 found = [s for s in found if s.uid == series_uid] or found[:0]
                 if not found:
