@@ -48,7 +48,7 @@ def series_in(folder: str | os.PathLike) -> list[DicomSeries]:
     for uid in uids:
         files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid) or ())
         if files:
-            number = _tag(files[0], "0020|0011").strip()
+            number = _tags(files[0], ("0020|0011",))[0]
             out.append((int(number) if number.isdigit() else 1 << 30, uid, files))
     out.sort()
     base = Path(folder).name or "series"
@@ -59,15 +59,16 @@ def series_in(folder: str | os.PathLike) -> list[DicomSeries]:
     return named
 
 
-def _tag(path: str, key: str) -> str:
+def _tags(path: str, keys) -> tuple[str, ...]:
+    """The values of DICOM tags (``"gggg|eeee"``) of one file, read from its header once ('' where absent)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     reader.LoadPrivateTagsOff()
     try:
         reader.ReadImageInformation()
-        return reader.GetMetaData(key) if reader.HasMetaDataKey(key) else ""
     except RuntimeError:
-        return ""
+        return tuple("" for _ in keys)
+    return tuple(reader.GetMetaData(k).strip() if reader.HasMetaDataKey(k) else "" for k in keys)
 
 
 def pick_series(folder: str | os.PathLike, uid: str | None = None) -> DicomSeries:
@@ -159,8 +160,7 @@ def _check_one_geometry(where: str, files) -> None:
     different grids into one volume)."""
     seen = set()
     for f in files:
-        seen.add((_tag(f, "0020|0037").strip(), _tag(f, "0028|0010").strip(), _tag(f, "0028|0011").strip(),
-                  _tag(f, "0028|0030").strip()))
+        seen.add(_tags(f, ("0020|0037", "0028|0010", "0028|0011", "0028|0030")))
         if len(seen) > 1:
             raise GMSError(f"{where}: the series mixes slice geometries (orientation, size or pixel spacing differ "
                            f"between its files); GMSSegment reads series of one grid")
