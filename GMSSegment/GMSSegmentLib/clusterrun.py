@@ -9,7 +9,7 @@ No scheduler of our own: Ray places the actors (``num_gpus=1`` each where the mo
   needs no shared disk. The model folder travels to the actors the same way (its card and weights, a few MB); the
   foundation weights are resolved on each node as anywhere (``GMS_WEIGHTS_DIR``, the cache, a pinned download).
   What travels per item is its voxels as float32 and its labels as uint8 (a 512x512x300 volume: 300 MB and 75 MB);
-  Ray's object store holds a few items at a time (at most two per actor in flight).
+  Ray's object store holds one item per actor at a time (an actor gets its next item once it has answered).
 - **The same rules as one machine**: the outputs are checked before any actor starts, a failing item does not stop
   the others, the same JSON events and result lines, exit code 2 when any item failed.
 - **Faults**: an actor that dies during an item (its process killed, its node lost) is replaced and the item is
