@@ -16,7 +16,6 @@ output is refused with one line before any model loads.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,10 @@ def highdicom_problem() -> str | None:
 
 
 def weights_sha256(model_dir) -> str:
+    from .weights import sha256_file
+
     path = Path(model_dir) / "model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    return sha256_file(path) if path.is_file() else ""
 
 
 def write_seg(path, labels: np.ndarray, dicom_files, segments, card, model_dir=None, overwrite: bool = False) -> str:
